@@ -1,0 +1,530 @@
+//! Command line and environment configuration, validated into a [`Config`] before any
+//! port is bound. Secrets are only ever named by file path: values on a command line end
+//! up in `ps`, shell history and Kubernetes object dumps.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use registry_auth::Credentials;
+
+/// The user name Deckhouse pairs with a license key.
+pub const LICENSE_USERNAME: &str = "license-token";
+
+/// Deckhouse's `imagesRepo` pattern (module config schema), trailing `/` already trimmed.
+static IMAGES_REPO: LazyLock<regex::Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    regex::Regex::new(r"^[0-9a-zA-Z\.\-]+(\:[0-9]{1,5})?(\/[0-9a-zA-Z\.\-\_]+)*$")
+        .expect("static regex")
+});
+
+/// Upstream scheme, spelled as in the Deckhouse module config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scheme {
+    /// Plain HTTP (lab and air-gapped registries).
+    #[value(name = "HTTP", alias = "http")]
+    Http,
+    /// HTTPS with system roots plus `--upstream-ca`.
+    #[value(name = "HTTPS", alias = "https")]
+    Https,
+}
+
+impl Scheme {
+    /// Lower-case URL scheme.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+}
+
+/// Who may pull through the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ClientAuthMode {
+    /// Clients present the upstream credentials; anonymous when there are none
+    /// (Deckhouse's behaviour).
+    Upstream,
+    /// Anyone who reaches the port may pull.
+    None,
+    /// Users from `--htpasswd-file` (plus the upstream user).
+    Htpasswd,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command line of `registry-proxy`. Every flag can also be set through the
+/// environment variable shown in `--help`.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "registry-proxy",
+    version,
+    about = "In-cluster pull-through OCI registry proxy"
+)]
+pub struct Args {
+    /// Address of the registry API.
+    #[arg(long, env = "REGISTRY_PROXY_LISTEN", default_value = "127.0.0.1:5001")]
+    pub listen: SocketAddr,
+    /// Address of the plain-HTTP metrics and health endpoints.
+    #[arg(
+        long,
+        env = "REGISTRY_PROXY_METRICS_LISTEN",
+        default_value = "127.0.0.1:5002"
+    )]
+    pub metrics_listen: SocketAddr,
+    /// Upstream repository, HOST[:PORT]/PATH (Deckhouse `imagesRepo`).
+    #[arg(
+        long,
+        env = "REGISTRY_PROXY_IMAGES_REPO",
+        default_value = "registry.deckhouse.io/deckhouse/ce"
+    )]
+    pub images_repo: String,
+    /// Upstream scheme.
+    #[arg(
+        long,
+        env = "REGISTRY_PROXY_SCHEME",
+        value_enum,
+        default_value = "HTTPS"
+    )]
+    pub scheme: Scheme,
+    /// PEM bundle trusted for the upstream in addition to the system roots.
+    #[arg(long, env = "REGISTRY_PROXY_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// File holding the license key; the upstream user is `license-token`.
+    #[arg(long, env = "REGISTRY_PROXY_LICENSE_FILE", conflicts_with_all = ["username", "password_file"])]
+    pub license_file: Option<PathBuf>,
+    /// Upstream user name (with --password-file).
+    #[arg(long, env = "REGISTRY_PROXY_USERNAME", requires = "password_file")]
+    pub username: Option<String>,
+    /// File holding the upstream password (with --username).
+    #[arg(long, env = "REGISTRY_PROXY_PASSWORD_FILE", requires = "username")]
+    pub password_file: Option<PathBuf>,
+    /// Client-side repository prefix mapped onto the imagesRepo path.
+    #[arg(
+        long,
+        env = "REGISTRY_PROXY_PATH_ALIAS",
+        default_value = "system/deckhouse"
+    )]
+    pub path_alias: String,
+    /// Directory of the blob and manifest cache.
+    #[arg(long, env = "REGISTRY_PROXY_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Stream only, store nothing (Deckhouse's `nocache: true`).
+    #[arg(long, env = "REGISTRY_PROXY_NO_CACHE")]
+    pub no_cache: bool,
+    /// Serving certificate chain (PEM); serve HTTPS when given.
+    #[arg(long, env = "REGISTRY_PROXY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Serving private key (PEM).
+    #[arg(long, env = "REGISTRY_PROXY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Who may pull.
+    #[arg(
+        long,
+        env = "REGISTRY_PROXY_CLIENT_AUTH",
+        value_enum,
+        default_value = "upstream"
+    )]
+    pub client_auth: ClientAuthMode,
+    /// htpasswd file (bcrypt) for --client-auth htpasswd.
+    #[arg(long, env = "REGISTRY_PROXY_HTPASSWD_FILE")]
+    pub htpasswd_file: Option<PathBuf>,
+    /// PEM private key signing client Bearer tokens, shared by all replicas.
+    #[arg(long, env = "REGISTRY_PROXY_TOKEN_KEY_FILE")]
+    pub token_key_file: Option<PathBuf>,
+    /// Lifetime of issued client tokens.
+    #[arg(long, env = "REGISTRY_PROXY_TOKEN_TTL", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
+    /// How long replaced client credentials stay valid.
+    #[arg(long, env = "REGISTRY_PROXY_CREDENTIAL_GRACE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub credential_grace: Duration,
+    /// Pulls by tag within this window after a check skip revalidation (0 = always).
+    #[arg(long, env = "REGISTRY_PROXY_TAG_FRESHNESS", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub tag_freshness: Duration,
+    /// Upper bound of the cache size, e.g. 20GiB.
+    #[arg(long, env = "REGISTRY_PROXY_CACHE_MAX_SIZE", value_parser = parse_size)]
+    pub cache_max_size: Option<u64>,
+    /// Warm the layers of fetched manifests in the background.
+    #[arg(long, env = "REGISTRY_PROXY_PREFETCH_LAYERS")]
+    pub prefetch_layers: bool,
+    /// Interval of the background upstream probe.
+    #[arg(long, env = "REGISTRY_PROXY_PROBE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub probe_interval: Duration,
+    /// Tag whose manifest the probe also checks (e.g. the running release).
+    #[arg(long, env = "REGISTRY_PROXY_PROBE_REFERENCE")]
+    pub probe_reference: Option<String>,
+    /// Fail /readyz while the upstream probe fails.
+    #[arg(long, env = "REGISTRY_PROXY_STRICT_READINESS")]
+    pub strict_readiness: bool,
+    /// How long in-flight requests may run after SIGTERM.
+    #[arg(long, env = "REGISTRY_PROXY_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Log format.
+    #[arg(
+        long,
+        env = "REGISTRY_PROXY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// Parses `20GiB`, `512MiB`, `1000000` (bytes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1_000,
+        "Ki" | "KiB" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "Mi" | "MiB" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "Gi" | "GiB" => 1 << 30,
+        "T" | "TB" => 1_000_000_000_000,
+        "Ti" | "TiB" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Why a configuration was rejected. The message is one line meant for an operator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The command line itself is invalid (also covers `--help`/`--version`).
+    #[error("{0}")]
+    Cli(#[from] clap::Error),
+    /// A value failed validation.
+    #[error("invalid {flag}: {reason}")]
+    Invalid {
+        /// The flag at fault.
+        flag: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A secret or certificate file could not be read.
+    #[error("cannot read {flag} file {path}: {reason}")]
+    File {
+        /// The flag naming the file.
+        flag: &'static str,
+        /// The path.
+        path: String,
+        /// Why (never the content).
+        reason: String,
+    },
+}
+
+/// The upstream repository split like Deckhouse's `RegistryAddressAndPathFromImagesRepo`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImagesRepo {
+    /// `host[:port]`.
+    pub host: String,
+    /// Repository path without leading/trailing `/`, e.g. `deckhouse/ee`.
+    pub path: String,
+}
+
+impl ImagesRepo {
+    /// Validates `HOST[:PORT]/PATH` with the Deckhouse pattern; a path is required because
+    /// the alias must map somewhere (Deckhouse fails at start-up instead).
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let trimmed = raw.trim().trim_end_matches('/');
+        let invalid = |reason: &str| ConfigError::Invalid {
+            flag: "--images-repo",
+            reason: format!("{raw:?}: {reason}"),
+        };
+        if !IMAGES_REPO.is_match(trimmed) {
+            return Err(invalid("expected HOST[:PORT]/PATH"));
+        }
+        let (host, path) = trimmed.split_once('/').ok_or_else(|| {
+            invalid("a repository path is required, e.g. registry.deckhouse.io/deckhouse/ee")
+        })?;
+        if let Some((_, port)) = host.split_once(':') {
+            match port.parse::<u16>() {
+                Ok(p) if p > 0 => {}
+                _ => return Err(invalid("port out of range")),
+            }
+        }
+        if !crate::path::valid_name(path) {
+            return Err(invalid(
+                "the path is not a valid repository name (lower case, digits, separators)",
+            ));
+        }
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// Validated configuration of one proxy process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The raw arguments, for the flags not yet wrapped in dedicated fields.
+    pub args: Args,
+    /// Upstream repository.
+    pub upstream: ImagesRepo,
+    /// Upstream scheme.
+    pub scheme: Scheme,
+    /// Client-side prefix, e.g. `system/deckhouse`.
+    pub alias: String,
+    /// Upstream credentials read from their files.
+    pub credentials: Option<Credentials>,
+    /// Extra trusted upstream roots (PEM bytes).
+    pub upstream_ca: Option<Vec<u8>>,
+}
+
+impl Config {
+    /// Parses and validates a command line (`args[0]` is the program name). Environment
+    /// variables fill flags that are not given.
+    pub fn from_args<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        Self::from_parsed(Args::try_parse_from(args)?)
+    }
+
+    /// Validates already parsed arguments.
+    pub fn from_parsed(args: Args) -> Result<Self, ConfigError> {
+        let upstream = ImagesRepo::parse(&args.images_repo)?;
+        let alias = args.path_alias.trim().trim_matches('/').to_owned();
+        if !crate::path::valid_name(&alias) {
+            return Err(ConfigError::Invalid {
+                flag: "--path-alias",
+                reason: format!("{:?} is not a valid repository name", args.path_alias),
+            });
+        }
+        let credentials = if let Some(path) = &args.license_file {
+            Some(Credentials {
+                username: LICENSE_USERNAME.to_owned(),
+                password: read_secret("--license-file", path)?,
+            })
+        } else if let (Some(user), Some(path)) = (&args.username, &args.password_file) {
+            if user.is_empty() || user.contains(':') {
+                return Err(ConfigError::Invalid {
+                    flag: "--username",
+                    reason: "must be non-empty and contain no ':'".to_owned(),
+                });
+            }
+            Some(Credentials {
+                username: user.clone(),
+                password: read_secret("--password-file", path)?,
+            })
+        } else {
+            None
+        };
+        let upstream_ca = match &args.upstream_ca {
+            Some(path) => {
+                if args.scheme == Scheme::Http {
+                    return Err(ConfigError::Invalid {
+                        flag: "--upstream-ca",
+                        reason: "only valid with --scheme HTTPS".to_owned(),
+                    });
+                }
+                let pem = std::fs::read(path).map_err(|e| file_error("--upstream-ca", path, &e))?;
+                crate::tls::parse_ca_bundle(&pem).map_err(|reason| ConfigError::File {
+                    flag: "--upstream-ca",
+                    path: path.display().to_string(),
+                    reason,
+                })?;
+                Some(pem)
+            }
+            None => None,
+        };
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            crate::tls::load_certified_key(cert, key).map_err(|reason| ConfigError::File {
+                flag: "--tls-cert/--tls-key",
+                path: cert.display().to_string(),
+                reason,
+            })?;
+        }
+        if args.client_auth == ClientAuthMode::Htpasswd && args.htpasswd_file.is_none() {
+            return Err(ConfigError::Invalid {
+                flag: "--client-auth",
+                reason: "htpasswd needs --htpasswd-file".to_owned(),
+            });
+        }
+        if let Some(dir) = &args.cache_dir {
+            validate_cache_dir(dir)?;
+        }
+        if args.probe_interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                flag: "--probe-interval",
+                reason: "must be at least 1s".to_owned(),
+            });
+        }
+        if let Some(r) = &args.probe_reference
+            && !crate::path::valid_tag(r)
+        {
+            return Err(ConfigError::Invalid {
+                flag: "--probe-reference",
+                reason: format!("{r:?} is not a valid tag"),
+            });
+        }
+        Ok(Self {
+            scheme: args.scheme,
+            upstream,
+            alias,
+            credentials,
+            upstream_ca,
+            args,
+        })
+    }
+
+    /// `scheme://host` of the upstream.
+    pub fn upstream_base(&self) -> String {
+        format!("{}://{}", self.scheme.as_str(), self.upstream.host)
+    }
+}
+
+fn file_error(flag: &'static str, path: &std::path::Path, e: &std::io::Error) -> ConfigError {
+    ConfigError::File {
+        flag,
+        path: path.display().to_string(),
+        reason: e.kind().to_string(),
+    }
+}
+
+/// Reads a one-line secret; surrounding whitespace (a trailing newline from `echo`) is
+/// not part of it.
+pub fn read_secret(flag: &'static str, path: &std::path::Path) -> Result<String, ConfigError> {
+    let raw = std::fs::read(path).map_err(|e| file_error(flag, path, &e))?;
+    let text = String::from_utf8(raw).map_err(|_| ConfigError::File {
+        flag,
+        path: path.display().to_string(),
+        reason: "not UTF-8".to_owned(),
+    })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(ConfigError::File {
+            flag,
+            path: path.display().to_string(),
+            reason: "file is empty".to_owned(),
+        });
+    }
+    Ok(secret.to_owned())
+}
+
+fn validate_cache_dir(dir: &std::path::Path) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        flag: "--cache-dir",
+        reason,
+    };
+    if !dir.is_absolute()
+        && dir
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(invalid(format!("{} must not contain '..'", dir.display())));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"ok")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| invalid(format!("{} is not writable: {e}", dir.display())))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_repo_split() {
+        let r = ImagesRepo::parse("registry.deckhouse.io/deckhouse/ee/").unwrap();
+        assert_eq!(r.host, "registry.deckhouse.io");
+        assert_eq!(r.path, "deckhouse/ee");
+        let r = ImagesRepo::parse("127.0.0.1:5010/deckhouse/ee").unwrap();
+        assert_eq!(r.host, "127.0.0.1:5010");
+    }
+
+    #[test]
+    fn images_repo_rejects() {
+        for bad in [
+            "registry.deckhouse.io",
+            "registry.deckhouse.io/",
+            "https://registry.deckhouse.io/deckhouse",
+            "host:99999/x",
+            "host/Upper/Case",
+            "host/a b",
+            "",
+        ] {
+            assert!(ImagesRepo::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_args(["registry-proxy"]).unwrap();
+        assert_eq!(c.upstream.host, "registry.deckhouse.io");
+        assert_eq!(c.upstream.path, "deckhouse/ce");
+        assert_eq!(c.scheme, Scheme::Https);
+        assert_eq!(c.alias, "system/deckhouse");
+        assert_eq!(c.args.listen.to_string(), "127.0.0.1:5001");
+        assert!(c.credentials.is_none());
+    }
+
+    #[test]
+    fn license_and_user_are_exclusive() {
+        let e = Config::from_args([
+            "p",
+            "--license-file",
+            "/x",
+            "--username",
+            "u",
+            "--password-file",
+            "/y",
+        ]);
+        assert!(e.is_err());
+        let e = Config::from_args(["p", "--username", "u"]);
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn license_file_is_read_and_trimmed() {
+        let dir = std::env::temp_dir().join(format!("rp-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("license");
+        std::fs::write(&f, "KEY-123\n").unwrap();
+        let c = Config::from_args(["p", "--license-file", f.to_str().unwrap()]).unwrap();
+        let creds = c.credentials.unwrap();
+        assert_eq!(creds.username, "license-token");
+        assert_eq!(creds.password, "KEY-123");
+        let missing = Config::from_args(["p", "--license-file", "/nonexistent/license"]);
+        assert!(matches!(missing, Err(ConfigError::File { .. })));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("20GiB").unwrap(), 20 << 30);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("99999999999999TiB").is_err());
+    }
+
+    #[test]
+    fn ca_needs_https() {
+        let e = Config::from_args(["p", "--scheme", "HTTP", "--upstream-ca", "/x"]);
+        assert!(matches!(
+            e,
+            Err(ConfigError::Invalid {
+                flag: "--upstream-ca",
+                ..
+            })
+        ));
+    }
+}

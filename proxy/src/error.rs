@@ -1,0 +1,440 @@
+//! Every error a client can see, mapped in one place to a status and an OCI
+//! distribution error body (`{"errors":[{"code","message","detail"}]}`).
+//!
+//! The `origin` says whose fault it was (pingora's split): `Downstream` (the client sent
+//! something wrong), `Upstream` (the registry behind us failed or refused) or `Internal`.
+//! It feeds logs and metrics labels.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+/// Whose fault an error is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The client's request was invalid or not allowed.
+    Downstream,
+    /// The upstream registry failed, refused or was unreachable.
+    Upstream,
+    /// Our own failure (disk, bug).
+    Internal,
+}
+
+impl Origin {
+    /// Metric/log label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Downstream => "downstream",
+            Self::Upstream => "upstream",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// An error answered to the client.
+#[derive(Clone, Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    origin: Origin,
+    /// Rarely set parts, boxed to keep `Result<_, ApiError>` small.
+    extra: Option<Box<Extra>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Extra {
+    detail: Option<serde_json::Value>,
+    retry_after: Option<HeaderValue>,
+    www_authenticate: Option<HeaderValue>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    errors: [Item<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct Item<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a serde_json::Value>,
+}
+
+impl ApiError {
+    fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+        origin: Origin,
+    ) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            origin,
+            extra: None,
+        }
+    }
+
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    /// Adds a JSON `detail`.
+    pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
+        self.extra_mut().detail = Some(detail);
+        self
+    }
+
+    /// The OCI error code.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// Whose fault it is.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// The message (no secrets by construction).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// `400 NAME_INVALID`.
+    pub fn name_invalid(name: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+            "invalid repository name",
+            Origin::Downstream,
+        )
+        .with_detail(serde_json::json!({ "name": truncate(name) }))
+    }
+
+    /// `400 DIGEST_INVALID`.
+    pub fn digest_invalid(digest: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            "provided digest did not match uploaded content",
+            Origin::Downstream,
+        )
+        .with_detail(serde_json::json!({ "digest": truncate(digest) }))
+    }
+
+    /// `400 MANIFEST_INVALID` for a reference that is neither a tag nor a digest.
+    pub fn manifest_invalid_reference(reference: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+            "invalid manifest reference",
+            Origin::Downstream,
+        )
+        .with_detail(serde_json::json!({ "reference": truncate(reference) }))
+    }
+
+    /// `404 NOT_FOUND` for a path outside the read API.
+    pub fn not_found_route() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "no such endpoint",
+            Origin::Downstream,
+        )
+    }
+
+    /// `404 NAME_UNKNOWN` for a repository outside the alias.
+    pub fn name_unknown(name: &str, alias: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            format!("repository name not known to registry: allowed prefix is '{alias}'"),
+            Origin::Downstream,
+        )
+        .with_detail(serde_json::json!({ "name": truncate(name) }))
+    }
+
+    /// `405 UNSUPPORTED`: the proxy is read-only.
+    pub fn unsupported_method() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "the operation is unsupported: this registry proxy is read-only",
+            Origin::Downstream,
+        )
+    }
+
+    /// `401 UNAUTHORIZED` with the challenge to answer.
+    pub fn unauthorized(challenge: HeaderValue, message: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            message,
+            Origin::Downstream,
+        );
+        e.extra_mut().www_authenticate = Some(challenge);
+        e
+    }
+
+    /// `403 DENIED`.
+    pub fn denied(message: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "DENIED", message, Origin::Downstream)
+    }
+
+    /// `400` for a malformed request that is none of the above.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "UNSUPPORTED",
+            message,
+            Origin::Downstream,
+        )
+    }
+
+    /// `416` for a Range outside the blob.
+    pub fn range_not_satisfiable(len: u64) -> Self {
+        Self::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "BLOB_UNKNOWN",
+            "requested range not satisfiable",
+            Origin::Downstream,
+        )
+        .with_detail(serde_json::json!({ "size": len }))
+    }
+
+    /// Upstream 404 (or any 404 we synthesise for content): kept a 404 with the right code.
+    pub fn upstream_not_found(code: &'static str, what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            code,
+            format!("{what} unknown to registry"),
+            Origin::Upstream,
+        )
+    }
+
+    /// Upstream 429: passed on with `Retry-After`, so clients back off as the upstream asked.
+    pub fn upstream_rate_limited(retry_after: Option<HeaderValue>) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOOMANYREQUESTS",
+            "upstream registry rate limit exceeded",
+            Origin::Upstream,
+        );
+        e.extra_mut().retry_after = retry_after;
+        e
+    }
+
+    /// Upstream 401/403 after our credentials were sent: the proxy's own credentials are
+    /// wrong or expired. A 5xx so clients neither re-authenticate nor conclude "not found".
+    pub fn upstream_denied(status: u16) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "DENIED",
+            format!(
+                "upstream registry refused the proxy's credentials (HTTP {status}); check the license or upstream password"
+            ),
+            Origin::Upstream,
+        )
+    }
+
+    /// Upstream 5xx or an unexpected status.
+    pub fn upstream_status(status: u16) -> Self {
+        let ours = if status == 503 {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else if status == 504 {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        Self::new(
+            ours,
+            "UNKNOWN",
+            format!("upstream registry answered HTTP {status}"),
+            Origin::Upstream,
+        )
+    }
+
+    /// Upstream unreachable (DNS, connect, TLS, reset before headers).
+    pub fn upstream_unreachable(reason: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "UNKNOWN",
+            format!("upstream registry unreachable: {reason}"),
+            Origin::Upstream,
+        )
+    }
+
+    /// Upstream did not answer in time.
+    pub fn upstream_timeout() -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "UNKNOWN",
+            "upstream registry timed out",
+            Origin::Upstream,
+        )
+    }
+
+    /// Upstream token service failed.
+    pub fn upstream_auth(reason: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "UNKNOWN",
+            format!("upstream authentication failed: {reason}"),
+            Origin::Upstream,
+        )
+    }
+
+    /// Content from the upstream or the cache did not match its digest.
+    pub fn integrity(message: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "UNKNOWN",
+            message,
+            Origin::Upstream,
+        )
+    }
+
+    /// Our own failure.
+    pub fn internal(message: &str) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "UNKNOWN",
+            message,
+            Origin::Internal,
+        )
+    }
+
+    /// Shutting down.
+    pub fn unavailable(message: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            message,
+            Origin::Internal,
+        )
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> String {
+        let body = Body {
+            errors: [Item {
+                code: self.code,
+                message: &self.message,
+                detail: self.extra.as_ref().and_then(|x| x.detail.as_ref()),
+            }],
+        };
+        serde_json::to_string(&body)
+            .unwrap_or_else(|_| r#"{"errors":[{"code":"UNKNOWN","message":"error"}]}"#.to_owned())
+    }
+}
+
+/// Keeps attacker-controlled echoes short in error bodies and logs.
+fn truncate(s: &str) -> String {
+    s.chars().take(256).collect()
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body();
+        let mut resp = (self.status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            "docker-distribution-api-version",
+            HeaderValue::from_static("registry/2.0"),
+        );
+        if let Some(x) = &self.extra {
+            if let Some(v) = &x.retry_after {
+                h.insert(header::RETRY_AFTER, v.clone());
+            }
+            if let Some(v) = &x.www_authenticate {
+                h.insert(header::WWW_AUTHENTICATE, v.clone());
+            }
+        }
+        resp.extensions_mut().insert(ErrorInfo {
+            code: self.code,
+            origin: self.origin,
+        });
+        resp
+    }
+}
+
+/// Attached to error responses so the logging layer can label them.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorInfo {
+    /// OCI error code.
+    pub code: &'static str,
+    /// Whose fault.
+    pub origin: Origin,
+}
+
+/// Errors of the proxy library outside request handling (start-up, listeners).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A listener or connection failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The upstream HTTP client could not be built.
+    #[error("upstream client: {0}")]
+    Client(String),
+    /// TLS material could not be loaded.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// Client authentication could not be set up.
+    #[error("auth: {0}")]
+    Auth(#[from] registry_auth::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_shape() {
+        let e = ApiError::name_unknown("system/deckhousefoo", "system/deckhouse");
+        let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(v["errors"][0]["code"], "NAME_UNKNOWN");
+        assert_eq!(v["errors"][0]["detail"]["name"], "system/deckhousefoo");
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn upstream_denied_is_5xx() {
+        assert!(ApiError::upstream_denied(401).status().is_server_error());
+        assert!(ApiError::upstream_denied(403).status().is_server_error());
+        assert_eq!(
+            ApiError::upstream_status(503).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            ApiError::upstream_status(500).status(),
+            StatusCode::BAD_GATEWAY
+        );
+    }
+}

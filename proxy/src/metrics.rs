@@ -1,0 +1,276 @@
+//! Prometheus metrics, one registry per [`Metrics`] (not the global one), so every test
+//! and every in-process proxy gets its own. Label values are bounded: route templates,
+//! methods, status codes, outcomes; never repository names, digests or users.
+
+use std::time::Duration;
+
+use http::Method;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Typed handles of every metric family.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by method, route template and status.
+    pub requests: IntCounterVec,
+    /// Request duration (to the end of the body) by route template.
+    pub request_duration: HistogramVec,
+    /// Requests being served.
+    pub in_flight: IntGauge,
+    /// Upstream responses by method and status class (`2xx`..`5xx`, `error`).
+    pub upstream_requests: IntCounterVec,
+    /// Time from sending an upstream request to its response headers.
+    pub upstream_ttfb: HistogramVec,
+    /// Bytes received from the upstream in bodies we served or cached.
+    pub upstream_bytes: IntCounter,
+    /// Token fetches by result.
+    pub token_fetches: IntCounterVec,
+    /// Token fetch latency.
+    pub token_fetch_duration: HistogramVec,
+    /// Last `RateLimit-Remaining` seen from the upstream (-1 = never).
+    pub rate_limit_remaining: IntGauge,
+    /// Body bytes served to clients by source (`cache`, `upstream`).
+    pub bytes_served: IntCounterVec,
+    /// Cache lookups by kind (`blob`, `manifest`) and result
+    /// (`hit`, `miss`, `coalesced`, `stale`, `bypass`).
+    pub cache_results: IntCounterVec,
+    /// Build information (value 1).
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Registers every family in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "registry_proxy_requests_total",
+                "Requests served, by method, route template and status.",
+            ),
+            &["method", "route", "status"],
+        );
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "registry_proxy_request_duration_seconds",
+                "Request duration including the body, by route template.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        );
+        let in_flight = IntGauge::new(
+            "registry_proxy_requests_in_flight",
+            "Requests being served.",
+        );
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "registry_proxy_upstream_requests_total",
+                "Upstream responses by method and status class (error = no response).",
+            ),
+            &["method", "status_class"],
+        );
+        let upstream_ttfb = HistogramVec::new(
+            HistogramOpts::new(
+                "registry_proxy_upstream_ttfb_seconds",
+                "Time from sending an upstream request to its response headers.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["method"],
+        );
+        let upstream_bytes = IntCounter::new(
+            "registry_proxy_upstream_bytes_total",
+            "Body bytes received from the upstream.",
+        );
+        let token_fetches = IntCounterVec::new(
+            Opts::new(
+                "registry_proxy_upstream_token_fetches_total",
+                "Upstream token fetches by result.",
+            ),
+            &["result"],
+        );
+        let token_fetch_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "registry_proxy_upstream_token_fetch_duration_seconds",
+                "Upstream token fetch latency.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["result"],
+        );
+        let rate_limit_remaining = IntGauge::new(
+            "registry_proxy_upstream_rate_limit_remaining",
+            "Last RateLimit-Remaining value sent by the upstream (-1 = never seen).",
+        );
+        let bytes_served = IntCounterVec::new(
+            Opts::new(
+                "registry_proxy_bytes_served_total",
+                "Body bytes served to clients by source.",
+            ),
+            &["source"],
+        );
+        let cache_results = IntCounterVec::new(
+            Opts::new(
+                "registry_proxy_cache_requests_total",
+                "Cache lookups by kind and result.",
+            ),
+            &["kind", "result"],
+        );
+        let build_info = IntGaugeVec::new(
+            Opts::new("registry_proxy_build_info", "Build information."),
+            &["version"],
+        );
+        let m = Self {
+            registry,
+            requests: ok_or_unregistered(requests),
+            request_duration: ok_or_unregistered(request_duration),
+            in_flight: ok_or_unregistered(in_flight),
+            upstream_requests: ok_or_unregistered(upstream_requests),
+            upstream_ttfb: ok_or_unregistered(upstream_ttfb),
+            upstream_bytes: ok_or_unregistered(upstream_bytes),
+            token_fetches: ok_or_unregistered(token_fetches),
+            token_fetch_duration: ok_or_unregistered(token_fetch_duration),
+            rate_limit_remaining: ok_or_unregistered(rate_limit_remaining),
+            bytes_served: ok_or_unregistered(bytes_served),
+            cache_results: ok_or_unregistered(cache_results),
+            build_info: ok_or_unregistered(build_info),
+        };
+        m.register_all();
+        m.rate_limit_remaining.set(-1);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    fn register_all(&self) {
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.request_duration.clone()),
+            Box::new(self.in_flight.clone()),
+            Box::new(self.upstream_requests.clone()),
+            Box::new(self.upstream_ttfb.clone()),
+            Box::new(self.upstream_bytes.clone()),
+            Box::new(self.token_fetches.clone()),
+            Box::new(self.token_fetch_duration.clone()),
+            Box::new(self.rate_limit_remaining.clone()),
+            Box::new(self.bytes_served.clone()),
+            Box::new(self.cache_results.clone()),
+            Box::new(self.build_info.clone()),
+        ];
+        for c in collectors {
+            if let Err(e) = self.registry.register(c) {
+                tracing::error!(error = %e, "metric registration failed");
+            }
+        }
+        #[cfg(target_os = "linux")]
+        if let Err(e) = self.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
+            tracing::warn!(error = %e, "process metrics unavailable");
+        }
+    }
+
+    /// Records an upstream response (`status` 0 = transport error).
+    pub fn upstream_response(&self, method: &Method, status: u16, ttfb: Duration) {
+        let class = match status {
+            0 => "error",
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        let method = method_label(method);
+        self.upstream_requests
+            .with_label_values(&[method, class])
+            .inc();
+        if status != 0 {
+            self.upstream_ttfb
+                .with_label_values(&[method])
+                .observe(ttfb.as_secs_f64());
+        }
+    }
+
+    /// Records a token fetch.
+    pub fn token_fetch(&self, ok: bool, elapsed: Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.token_fetches.with_label_values(&[result]).inc();
+        self.token_fetch_duration
+            .with_label_values(&[result])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records a cache lookup outcome.
+    pub fn cache(&self, kind: &'static str, result: &'static str) {
+        self.cache_results.with_label_values(&[kind, result]).inc();
+    }
+
+    /// Text exposition of every family.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The registry, for collectors added by other modules.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Bounded method label.
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// Metric constructors only fail on invalid names or label sets, which are constants
+/// here; a unit test constructs them all, so this never falls back in practice.
+fn ok_or_unregistered<T>(r: prometheus::Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("invalid metric definition: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_build_and_encode() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["GET", "blob", "200"]).inc();
+        m.upstream_response(&Method::GET, 200, Duration::from_millis(3));
+        m.token_fetch(true, Duration::from_millis(1));
+        let text = m.encode();
+        assert!(text.contains(
+            "registry_proxy_requests_total{method=\"GET\",route=\"blob\",status=\"200\"} 1"
+        ));
+        assert!(text.contains(
+            "registry_proxy_upstream_requests_total{method=\"GET\",status_class=\"2xx\"} 1"
+        ));
+        assert!(text.contains("registry_proxy_build_info"));
+    }
+}

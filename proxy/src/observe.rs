@@ -1,0 +1,159 @@
+//! Per-request accounting: in-flight gauge, request counter and duration histogram, and
+//! one log line per request written when the response body is finished (or dropped), so
+//! byte counts and durations cover the whole transfer, not just the headers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use crate::error::ErrorInfo;
+use crate::metrics::{Metrics, method_label};
+use crate::routes::RouteLabel;
+
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Records metrics and the access log line for one request.
+struct Finish {
+    metrics: Arc<Metrics>,
+    method: &'static str,
+    route: &'static str,
+    status: u16,
+    error: Option<ErrorInfo>,
+    started: Instant,
+    bytes: u64,
+    id: u64,
+    complete: bool,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let status = self.status.to_string();
+        self.metrics
+            .requests
+            .with_label_values(&[self.method, self.route, &status])
+            .inc();
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .request_duration
+            .with_label_values(&[self.route])
+            .observe(elapsed.as_secs_f64());
+        self.metrics.in_flight.dec();
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        match self.error {
+            Some(e) => tracing::info!(
+                request_id = self.id,
+                method = self.method,
+                route = self.route,
+                status = self.status,
+                bytes = self.bytes,
+                duration_ms,
+                error_code = e.code,
+                error_origin = e.origin.as_str(),
+                "request"
+            ),
+            None => tracing::info!(
+                request_id = self.id,
+                method = self.method,
+                route = self.route,
+                status = self.status,
+                bytes = self.bytes,
+                duration_ms,
+                complete = self.complete,
+                "request"
+            ),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct MeteredBody {
+        #[pin]
+        inner: Body,
+        finish: Finish,
+    }
+}
+
+impl http_body::Body for MeteredBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let mut inner = this.inner;
+        let polled = inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.finish.bytes += d.len() as u64;
+                }
+                // hyper stops polling once a sized body reports its end.
+                if inner.is_end_stream() {
+                    this.finish.complete = true;
+                }
+            }
+            Poll::Ready(None) => this.finish.complete = true,
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(request_id = this.finish.id, error = %e, "response body aborted");
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// axum middleware wrapping every API response.
+pub async fn layer(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+    let method = method_label(req.method());
+    let head = req.method() == http::Method::HEAD;
+    metrics.in_flight.inc();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let route = resp
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or("other", |r| r.0);
+    let error = resp.extensions().get::<ErrorInfo>().copied();
+    let finish = Finish {
+        metrics,
+        method,
+        route,
+        status: resp.status().as_u16(),
+        error,
+        started,
+        bytes: 0,
+        id,
+        complete: head,
+    };
+    let (mut parts, body) = resp.into_parts();
+    if let Ok(v) = http::HeaderValue::from_str(&id.to_string()) {
+        parts.headers.insert("x-request-id", v);
+    }
+    Response::from_parts(
+        parts,
+        Body::new(MeteredBody {
+            inner: body,
+            finish,
+        }),
+    )
+}

@@ -1,0 +1,435 @@
+//! The OCI distribution read API at the fixed address.
+//!
+//! One `/v2/{*rest}` route: repository names contain `/`, which axum's router cannot
+//! match in the middle of a path, so [`crate::path::parse`] splits them. Each request is
+//! validated, mapped through the alias, authorised, then answered from the upstream
+//! (streaming) or the cache.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+
+use crate::error::ApiError;
+use crate::path::{self, Alias, Reference, Route};
+use crate::upstream::Upstream;
+
+/// Manifests larger than this are refused (distribution uses 4 MiB); they are buffered
+/// to verify their digest and never re-serialised.
+pub const MAX_MANIFEST_BYTES: usize = 8 << 20;
+/// Bound on a buffered tag list.
+const MAX_TAGS_BYTES: usize = 16 << 20;
+/// Every OCI and Docker manifest type, for requests the proxy makes on its own.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.v1+prettyjws;q=0.5";
+
+/// Upstream response headers the client sees. Everything else (notably
+/// `WWW-Authenticate`, `Set-Cookie`, hop-by-hop headers) stays behind the proxy.
+const PASSED_RESPONSE_HEADERS: [header::HeaderName; 8] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::CONTENT_RANGE,
+    header::CONTENT_ENCODING,
+    header::ACCEPT_RANGES,
+    header::ETAG,
+    header::LAST_MODIFIED,
+    header::CACHE_CONTROL,
+];
+
+/// Shared state of the API handlers.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// Upstream client.
+    pub upstream: Upstream,
+    /// Name mapping.
+    pub alias: Alias,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// The API router (also used by tests through `oneshot`).
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v2", any(dispatch))
+        .route("/v2/", any(dispatch))
+        .route("/v2/{*rest}", any(dispatch))
+        .fallback(|| async { ApiError::not_found_route() })
+        .with_state(state)
+}
+
+/// Marks a response with its bounded route label for metrics and logs.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteLabel(pub &'static str);
+
+async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
+    // Only the head is needed; a body on a read request is ignored.
+    let (parts, _body) = req.into_parts();
+    let route_label;
+    let resp = match handle(&state, &parts).await {
+        Ok((label, resp)) => {
+            route_label = label;
+            resp
+        }
+        Err((label, e)) => {
+            route_label = label;
+            e.into_response()
+        }
+    };
+    let mut resp = resp;
+    resp.extensions_mut().insert(RouteLabel(route_label));
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    resp
+}
+
+type Handled = Result<(&'static str, Response), (&'static str, ApiError)>;
+
+async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
+    let rest = req
+        .uri
+        .path()
+        .strip_prefix("/v2")
+        .map(|r| r.strip_prefix('/').unwrap_or(r))
+        .unwrap_or_default();
+    let route = path::parse(rest).map_err(|e| ("invalid", e))?;
+    let label = route.template();
+    let method = req.method.clone();
+    if method != Method::GET && method != Method::HEAD {
+        return Err((label, ApiError::unsupported_method()));
+    }
+    if route == Route::Base {
+        return Ok((label, base_response()));
+    }
+    if matches!(route, Route::Tags { .. } | Route::Referrers { .. }) && method != Method::GET {
+        return Err((label, ApiError::unsupported_method()));
+    }
+    let name = route.name().unwrap_or_default();
+    let remote = state
+        .alias
+        .to_remote(name)
+        .ok_or_else(|| (label, ApiError::name_unknown(name, state.alias.local())))?;
+    let scope = format!("repository:{remote}:pull");
+    let query = filtered_query(&route, req.uri.query());
+    let result = match &route {
+        Route::Manifest { reference, .. } => {
+            manifest(state, &method, &remote, reference, &req.headers, &scope).await
+        }
+        Route::Blob { digest, .. } => {
+            let p = format!("{remote}/blobs/{digest}");
+            passthrough(state, &method, &p, &req.headers, &scope, "BLOB_UNKNOWN").await
+        }
+        Route::Tags { name } => {
+            tags(state, name, &remote, query.as_deref(), &req.headers, &scope).await
+        }
+        Route::Referrers { digest, .. } => {
+            let mut p = format!("{remote}/referrers/{digest}");
+            if let Some(q) = &query {
+                p.push('?');
+                p.push_str(q);
+            }
+            passthrough(state, &method, &p, &req.headers, &scope, "MANIFEST_UNKNOWN").await
+        }
+        Route::Base => Ok(base_response()),
+    };
+    result.map(|r| (label, r)).map_err(|e| (label, e))
+}
+
+fn base_response() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        "{}",
+    )
+        .into_response()
+}
+
+/// Keeps only the query parameters an endpoint understands; containerd's `ns` and
+/// anything else is dropped rather than forwarded.
+fn filtered_query(route: &Route, query: Option<&str>) -> Option<String> {
+    let allowed: &[&str] = match route {
+        Route::Tags { .. } => &["n", "last"],
+        Route::Referrers { .. } => &["artifactType"],
+        _ => return None,
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query?).ok()?;
+    let kept: Vec<(String, String)> = pairs
+        .into_iter()
+        .filter(|(k, _)| allowed.contains(&k.as_str()))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    serde_urlencoded::to_string(kept).ok()
+}
+
+/// Maps an upstream status that is not success to the client-facing error.
+pub fn upstream_error(resp: &reqwest::Response, not_found_code: &'static str) -> Option<ApiError> {
+    let status = resp.status();
+    match status.as_u16() {
+        200..=399 => None,
+        404 => Some(ApiError::upstream_not_found(
+            not_found_code,
+            not_found_what(not_found_code),
+        )),
+        429 => Some(ApiError::upstream_rate_limited(
+            resp.headers().get(header::RETRY_AFTER).cloned(),
+        )),
+        401 | 403 => Some(ApiError::upstream_denied(status.as_u16())),
+        416 => None,
+        s if s >= 500 => Some(ApiError::upstream_status(s)),
+        // Other 4xx describe the relayed request itself; pass them on verbatim.
+        _ => None,
+    }
+}
+
+fn not_found_what(code: &str) -> &'static str {
+    match code {
+        "BLOB_UNKNOWN" => "blob",
+        "MANIFEST_UNKNOWN" => "manifest",
+        _ => "repository",
+    }
+}
+
+/// Copies the passable upstream headers onto a response builder.
+pub fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for name in PASSED_RESPONSE_HEADERS {
+        for v in from.get_all(&name) {
+            to.append(name.clone(), v.clone());
+        }
+    }
+    if let Some(d) = from.get("docker-content-digest") {
+        to.insert("docker-content-digest", d.clone());
+    }
+}
+
+/// Streams an upstream response as is: headers as soon as they arrive, the body chunk
+/// by chunk. A body error mid-stream surfaces as a body error, which makes hyper abort
+/// the connection instead of ending the response as if complete.
+async fn passthrough(
+    state: &AppState,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    scope: &str,
+    not_found: &'static str,
+) -> Result<Response, ApiError> {
+    let resp = state
+        .upstream
+        .send(method.clone(), path_and_query, headers, Some(scope))
+        .await?;
+    if let Some(e) = upstream_error(&resp, not_found) {
+        return Err(e);
+    }
+    Ok(stream_response(state, resp, *method == Method::HEAD))
+}
+
+fn stream_response(state: &AppState, resp: reqwest::Response, head: bool) -> Response {
+    let status = resp.status();
+    let mut out = Response::new(Body::empty());
+    *out.status_mut() = status;
+    copy_headers(resp.headers(), out.headers_mut());
+    if !head {
+        let metrics = state.metrics.clone();
+        let stream = resp.bytes_stream().map_ok(move |chunk: Bytes| {
+            metrics.upstream_bytes.inc_by(chunk.len() as u64);
+            metrics
+                .bytes_served
+                .with_label_values(&["upstream"])
+                .inc_by(chunk.len() as u64);
+            chunk
+        });
+        *out.body_mut() = Body::from_stream(stream);
+    }
+    out
+}
+
+/// Reads a whole (small) body with a bound.
+pub async fn read_bounded(resp: reqwest::Response, limit: usize) -> Result<Bytes, ApiError> {
+    if resp.content_length().is_some_and(|l| l > limit as u64) {
+        return Err(ApiError::integrity("upstream response too large"));
+    }
+    let mut buf = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream
+        .try_next()
+        .await
+        .map_err(|e| crate::upstream::transport_error(&e))?
+    {
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::integrity("upstream response too large"));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// SHA-256 digest string of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    format!("sha256:{}", hex::encode(d.as_ref()))
+}
+
+/// Manifests are buffered (they are small) so their digest can be checked and provided
+/// when the upstream omits `Docker-Content-Digest`; the bytes are never re-serialised.
+async fn manifest(
+    state: &AppState,
+    method: &Method,
+    remote: &str,
+    reference: &Reference,
+    headers: &HeaderMap,
+    scope: &str,
+) -> Result<Response, ApiError> {
+    let p = format!("{remote}/manifests/{reference}");
+    let mut fwd = headers.clone();
+    if !fwd.contains_key(header::ACCEPT) {
+        fwd.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+    }
+    let resp = state
+        .upstream
+        .send(method.clone(), &p, &fwd, Some(scope))
+        .await?;
+    if let Some(e) = upstream_error(&resp, "MANIFEST_UNKNOWN") {
+        return Err(e);
+    }
+    if *method == Method::HEAD || resp.status() != StatusCode::OK {
+        return Ok(stream_response(state, resp, *method == Method::HEAD));
+    }
+    let status = resp.status();
+    let mut out_headers = HeaderMap::new();
+    copy_headers(resp.headers(), &mut out_headers);
+    let body = read_bounded(resp, MAX_MANIFEST_BYTES).await?;
+    state.metrics.upstream_bytes.inc_by(body.len() as u64);
+    let computed = sha256_digest(&body);
+    if let Reference::Digest(d) = reference
+        && d.algorithm().as_ref() == "sha256"
+        && d.to_string() != computed
+    {
+        tracing::error!(expected = %d, got = %computed, "upstream manifest does not match its digest");
+        return Err(ApiError::integrity(
+            "upstream manifest does not match the requested digest",
+        ));
+    }
+    if !out_headers.contains_key("docker-content-digest")
+        && let Ok(v) = HeaderValue::from_str(&computed)
+    {
+        out_headers.insert("docker-content-digest", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&body.len().to_string()) {
+        out_headers.insert(header::CONTENT_LENGTH, v);
+    }
+    state
+        .metrics
+        .bytes_served
+        .with_label_values(&["upstream"])
+        .inc_by(body.len() as u64);
+    let mut out = Response::new(Body::from(body));
+    *out.status_mut() = status;
+    *out.headers_mut() = out_headers;
+    Ok(out)
+}
+
+/// Tag lists name the repository: the upstream says `deckhouse/ee`, the client asked for
+/// `system/deckhouse`, so the name and the pagination `Link` are mapped back.
+async fn tags(
+    state: &AppState,
+    local: &str,
+    remote: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    scope: &str,
+) -> Result<Response, ApiError> {
+    let mut p = format!("{remote}/tags/list");
+    if let Some(q) = query {
+        p.push('?');
+        p.push_str(q);
+    }
+    let resp = state
+        .upstream
+        .send(Method::GET, &p, headers, Some(scope))
+        .await?;
+    if let Some(e) = upstream_error(&resp, "NAME_UNKNOWN") {
+        return Err(e);
+    }
+    let status = resp.status();
+    let link = resp
+        .headers()
+        .get(header::LINK)
+        .and_then(|v| v.to_str().ok())
+        .map(|l| rewrite_link(l, remote, local));
+    let body = read_bounded(resp, MAX_TAGS_BYTES).await?;
+    let body = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(mut v) if status == StatusCode::OK => {
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert(
+                    "name".to_owned(),
+                    serde_json::Value::String(local.to_owned()),
+                );
+            }
+            Bytes::from(
+                serde_json::to_vec(&v).map_err(|_| ApiError::internal("tag list encoding"))?,
+            )
+        }
+        _ => body,
+    };
+    let mut out = Response::new(Body::from(body));
+    *out.status_mut() = status;
+    out.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(link) = link.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        out.headers_mut().insert(header::LINK, link);
+    }
+    Ok(out)
+}
+
+/// `</v2/deckhouse/ee/tags/list?last=a&n=1>; rel="next"` ->
+/// `</v2/system/deckhouse/tags/list?last=a&n=1>; rel="next"`.
+fn rewrite_link(link: &str, remote: &str, local: &str) -> String {
+    let from = format!("/v2/{remote}/tags/list");
+    let to = format!("/v2/{local}/tags/list");
+    link.replacen(&from, &to, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_rewrite() {
+        assert_eq!(
+            rewrite_link(
+                r#"</v2/deckhouse/ee/tags/list?last=b&n=2>; rel="next""#,
+                "deckhouse/ee",
+                "system/deckhouse"
+            ),
+            r#"</v2/system/deckhouse/tags/list?last=b&n=2>; rel="next""#
+        );
+    }
+
+    #[test]
+    fn query_filter() {
+        let tags = Route::Tags { name: "a".into() };
+        assert_eq!(
+            filtered_query(&tags, Some("n=10&last=x&ns=registry.d8-system.svc%3A5001")).as_deref(),
+            Some("n=10&last=x")
+        );
+        assert_eq!(filtered_query(&tags, Some("ns=x")), None);
+        assert_eq!(filtered_query(&Route::Base, Some("n=1")), None);
+    }
+
+    #[test]
+    fn digest_of_empty() {
+        assert_eq!(
+            sha256_digest(b""),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}
