@@ -406,6 +406,9 @@ pub enum Error {
     /// TLS material could not be loaded.
     #[error("tls: {0}")]
     Tls(String),
+    /// The cache could not be opened.
+    #[error("cache: {0}")]
+    Cache(String),
     /// Client authentication could not be set up.
     #[error("auth: {0}")]
     Auth(#[from] registry_auth::Error),

@@ -8,6 +8,8 @@
 //! - [`path`]: the `/v2/` path grammar, name/tag/digest validation and the
 //!   `system/deckhouse` alias.
 //! - [`routes`]: the API handlers: validate, map, authorise, answer from the upstream.
+//! - [`cached`]: serving blobs and manifests through `registry-cache` (hits, single-flight
+//!   streaming misses, tag revalidation with stale-if-error, prefetch).
 //! - [`upstream`]: the upstream client (reqwest + `registry-auth`'s token cache).
 //! - [`error`]: every client-visible error mapped to a status and an OCI error body, in one
 //!   place.
@@ -19,6 +21,7 @@
 //! The binary (`src/main.rs`) only parses flags, sets up logging and signals, and calls
 //! [`run`].
 
+pub mod cached;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -48,10 +51,13 @@ pub async fn run(
 ) -> Result<(), Error> {
     let metrics = Arc::new(metrics::Metrics::new());
     let upstream = upstream::Upstream::new(&config, metrics.clone())?;
+    let tasks = tokio_util::task::TaskTracker::new();
+    let cache = open_cache(&config, tasks.clone(), shutdown.clone()).await?;
     let state = routes::AppState {
         upstream,
         alias: path::Alias::new(&config.alias, &config.upstream.path),
         metrics: metrics.clone(),
+        cache,
     };
     let tls = match (&config.args.tls_cert, &config.args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -93,5 +99,54 @@ pub async fn run(
     if let Some(t) = ops_task {
         let _ = t.await;
     }
+    // Fills and prefetches stop on the (already cancelled) shutdown token.
+    tasks.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background cache tasks did not stop within 5s");
+    }
     result.map_err(Error::Io)
+}
+
+/// Opens the cache: persistent under `--cache-dir` unless `--no-cache`, otherwise an
+/// ephemeral spool (coalescing only) in a private temporary directory. If no spool
+/// directory can be created the proxy still works, as a plain pass-through.
+async fn open_cache(
+    config: &Config,
+    tasks: tokio_util::task::TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<Option<cached::CacheLayer>, Error> {
+    let persistent = config.args.cache_dir.is_some() && !config.args.no_cache;
+    let dir = match (&config.args.cache_dir, persistent) {
+        (Some(d), true) => d.clone(),
+        (Some(d), false) => d.join("spool"),
+        (None, _) => {
+            std::env::temp_dir().join(format!("registry-proxy-spool-{}", std::process::id()))
+        }
+    };
+    let cfg = registry_cache::CacheConfig {
+        dir: dir.clone(),
+        max_size: config.args.cache_max_size,
+        persist: persistent,
+        ..registry_cache::CacheConfig::default()
+    };
+    match registry_cache::Cache::open(cfg, tasks.clone(), shutdown).await {
+        Ok(cache) => {
+            tracing::info!(dir = %dir.display(), persistent, "cache ready");
+            Ok(Some(cached::CacheLayer::new(
+                cache,
+                persistent,
+                config.args.tag_freshness,
+                config.args.prefetch_layers,
+                tasks,
+            )))
+        }
+        Err(e) if persistent => Err(Error::Cache(e.to_string())),
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %dir.display(), "no spool directory; serving without request coalescing");
+            Ok(None)
+        }
+    }
 }

@@ -50,6 +50,8 @@ pub struct AppState {
     pub alias: Alias,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Blob and manifest cache; `None` = plain pass-through.
+    pub cache: Option<crate::cached::CacheLayer>,
 }
 
 /// The API router (also used by tests through `oneshot`).
@@ -118,13 +120,53 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
     let scope = format!("repository:{remote}:pull");
     let query = filtered_query(&route, req.uri.query());
     let result = match &route {
-        Route::Manifest { reference, .. } => {
-            manifest(state, &method, &remote, reference, &req.headers, &scope).await
-        }
-        Route::Blob { digest, .. } => {
-            let p = format!("{remote}/blobs/{digest}");
-            passthrough(state, &method, &p, &req.headers, &scope, "BLOB_UNKNOWN").await
-        }
+        Route::Manifest { reference, name } => match (&state.cache, reference) {
+            (Some(c), Reference::Digest(d)) if c.is_persistent() => {
+                crate::cached::manifest_by_digest(
+                    c,
+                    &state.upstream,
+                    &state.metrics,
+                    &method,
+                    name,
+                    &remote,
+                    d,
+                    &scope,
+                )
+                .await
+            }
+            (Some(c), Reference::Tag(t)) if c.is_persistent() => {
+                crate::cached::manifest_by_tag(
+                    c,
+                    &state.upstream,
+                    &state.metrics,
+                    &method,
+                    &remote,
+                    t,
+                    &scope,
+                )
+                .await
+            }
+            _ => manifest(state, &method, &remote, reference, &req.headers, &scope).await,
+        },
+        Route::Blob { digest, .. } => match &state.cache {
+            Some(c) => {
+                crate::cached::blob(
+                    c,
+                    &state.upstream,
+                    &state.metrics,
+                    &method,
+                    &remote,
+                    digest,
+                    &req.headers,
+                    &scope,
+                )
+                .await
+            }
+            None => {
+                let p = format!("{remote}/blobs/{digest}");
+                passthrough(state, &method, &p, &req.headers, &scope, "BLOB_UNKNOWN").await
+            }
+        },
         Route::Tags { name } => {
             tags(state, name, &remote, query.as_deref(), &req.headers, &scope).await
         }
@@ -227,16 +269,25 @@ async fn passthrough(
     if let Some(e) = upstream_error(&resp, not_found) {
         return Err(e);
     }
-    Ok(stream_response(state, resp, *method == Method::HEAD))
+    Ok(stream_upstream(
+        &state.metrics,
+        resp,
+        *method == Method::HEAD,
+    ))
 }
 
-fn stream_response(state: &AppState, resp: reqwest::Response, head: bool) -> Response {
+/// Streams an upstream response to the client.
+pub fn stream_upstream(
+    metrics: &Arc<crate::metrics::Metrics>,
+    resp: reqwest::Response,
+    head: bool,
+) -> Response {
     let status = resp.status();
     let mut out = Response::new(Body::empty());
     *out.status_mut() = status;
     copy_headers(resp.headers(), out.headers_mut());
     if !head {
-        let metrics = state.metrics.clone();
+        let metrics = metrics.clone();
         let stream = resp.bytes_stream().map_ok(move |chunk: Bytes| {
             metrics.upstream_bytes.inc_by(chunk.len() as u64);
             metrics
@@ -299,7 +350,11 @@ async fn manifest(
         return Err(e);
     }
     if *method == Method::HEAD || resp.status() != StatusCode::OK {
-        return Ok(stream_response(state, resp, *method == Method::HEAD));
+        return Ok(stream_upstream(
+            &state.metrics,
+            resp,
+            *method == Method::HEAD,
+        ));
     }
     let status = resp.status();
     let mut out_headers = HeaderMap::new();

@@ -1,0 +1,430 @@
+//! Single-flight fills. One task per digest owns the upstream body, hashes it and appends it to a
+//! local spool; every [`Fill`] handle tails that spool through a `watch` of (bytes written,
+//! terminal state), so readers get bytes as they land, with bounded memory and no per-reader
+//! channel. Readers never cancel the fill; only shutdown does.
+
+use std::{
+    fs::File,
+    io,
+    os::unix::fs::FileExt,
+    sync::{Arc, OnceLock, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::{StreamExt, stream};
+use oci_spec::image::Digest;
+use tokio::sync::watch;
+
+use crate::{
+    BlobSource, BlobStream, CacheError, FillError, Hex, Inner, SourceError,
+    index::{Pin, now_ms},
+    names::Sha256Hasher,
+    store::{Kind, ObjectKey, ObjectMeta, read_at},
+    stream::{CHUNK, resolve},
+};
+
+/// Upstream chunks already buffered are written with one blocking call (at most this many).
+const WRITE_BATCH: usize = 16;
+
+/// What readers watch.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Progress {
+    /// The spool, set before the first byte is written.
+    file: Option<Arc<File>>,
+    /// Whole-blob length once the upstream announced it.
+    total: Option<u64>,
+    /// Bytes durably in the spool (written, not necessarily synced): readers may read `..written`.
+    written: u64,
+    /// Terminal state: `Ok` only after the digest matched (and, when persisting, the commit).
+    done: Option<Result<(), FillError>>,
+}
+
+pub(crate) struct FillShared {
+    digest: Digest,
+    tx: watch::Sender<Progress>,
+    /// Set after commit: the blob stays unevictable while any handle or reader of this fill lives.
+    pin: OnceLock<Pin>,
+}
+
+impl FillShared {
+    pub(crate) fn new(digest: Digest) -> Self {
+        Self {
+            digest,
+            tx: watch::Sender::new(Progress::default()),
+            pin: OnceLock::new(),
+        }
+    }
+
+    fn finish(&self, r: Result<(), FillError>) {
+        self.tx.send_if_modified(|p| {
+            if p.done.is_some() {
+                return false;
+            }
+            p.done = Some(r);
+            true
+        });
+    }
+}
+
+/// A handle on an in-flight (or just finished) fill. Dropping it never cancels the fill.
+pub struct Fill {
+    shared: Arc<FillShared>,
+    leader: bool,
+}
+
+impl std::fmt::Debug for Fill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fill")
+            .field("digest", &self.shared.digest)
+            .field("leader", &self.leader)
+            .finish()
+    }
+}
+
+impl Fill {
+    pub(crate) fn new(shared: Arc<FillShared>, leader: bool) -> Self {
+        Self { shared, leader }
+    }
+
+    /// A fill that failed before starting (bad digest, shutting down).
+    pub(crate) fn failed(digest: Digest, e: FillError) -> Self {
+        let shared = FillShared::new(digest);
+        shared.finish(Err(e));
+        Self {
+            shared: Arc::new(shared),
+            leader: true,
+        }
+    }
+
+    /// `false` when this call joined an existing fill (coalesced).
+    pub fn is_leader(&self) -> bool {
+        self.leader
+    }
+
+    /// The digest being filled.
+    pub fn digest(&self) -> &Digest {
+        &self.shared.digest
+    }
+
+    /// Total length as soon as the upstream answered (its headers), or the error that ended the
+    /// fill. If the upstream sent no length, waits for the end of the fill.
+    pub async fn meta(&self) -> Result<u64, FillError> {
+        let mut rx = self.shared.tx.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                match (&p.done, p.total) {
+                    (Some(Err(e)), _) => return Err(e.clone()),
+                    (_, Some(t)) => return Ok(t),
+                    (Some(Ok(())), None) => return Ok(p.written),
+                    (None, None) => {}
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(FillError::Aborted);
+            }
+        }
+    }
+
+    /// Waits for the end of the fill: the verified length, or the error.
+    pub async fn wait(&self) -> Result<u64, FillError> {
+        let mut rx = self.shared.tx.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                match &p.done {
+                    Some(Ok(())) => return Ok(p.written),
+                    Some(Err(e)) => return Err(e.clone()),
+                    None => {}
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(FillError::Aborted);
+            }
+        }
+    }
+
+    /// Streams bytes `start..=end_inclusive` (clamped to the blob; `u64::MAX` = to the end) from
+    /// the spool as they are written. Ends cleanly only once the whole fill verified; yields one
+    /// `Err` item if the fill fails, so the proxy aborts the connection instead of ending it.
+    pub fn reader(&self, start: u64, end_inclusive: u64) -> BlobStream {
+        let tail = Tail {
+            rx: self.shared.tx.subscribe(),
+            _shared: self.shared.clone(),
+            start,
+            end_inclusive,
+            pos: start,
+            stop: None,
+            finished: false,
+        };
+        stream::unfold(tail, |mut t| async move {
+            if t.finished {
+                return None;
+            }
+            match t.step().await {
+                Ok(Some(b)) => Some((Ok(b), t)),
+                Ok(None) => None,
+                Err(e) => {
+                    t.finished = true;
+                    Some((Err(e), t))
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+struct Tail {
+    rx: watch::Receiver<Progress>,
+    /// Keeps the post-commit pin alive while this reader streams.
+    _shared: Arc<FillShared>,
+    start: u64,
+    end_inclusive: u64,
+    pos: u64,
+    /// Exclusive end, once the length is known.
+    stop: Option<u64>,
+    finished: bool,
+}
+
+impl Tail {
+    async fn step(&mut self) -> Result<Option<Bytes>, CacheError> {
+        loop {
+            let (file, total, written, done) = {
+                let p = self.rx.borrow_and_update();
+                (p.file.clone(), p.total, p.written, p.done.clone())
+            };
+            if let Some(Err(e)) = done {
+                return Err(e.into());
+            }
+            let finished = done.is_some();
+            if self.stop.is_none()
+                && let Some(len) = total.or(finished.then_some(written))
+            {
+                self.stop = Some(resolve(self.start, self.end_inclusive, len)?.1);
+            }
+            let want = self.stop.unwrap_or(self.end_inclusive.saturating_add(1));
+            if self.pos < want && written > self.pos {
+                let file = file.ok_or(FillError::Aborted)?;
+                let n = (written.min(want) - self.pos).min(CHUNK);
+                let pos = self.pos;
+                let bytes = tokio::task::spawn_blocking(move || read_at(&file, pos, n as usize))
+                    .await
+                    .map_err(CacheError::join)??;
+                self.pos += n;
+                return Ok(Some(bytes));
+            }
+            if finished && self.pos >= want {
+                return Ok(None);
+            }
+            if self.rx.changed().await.is_err() {
+                return Err(FillError::Aborted.into());
+            }
+        }
+    }
+}
+
+/// Owned by the fill task: whatever way the task ends (success, error, panic, cancellation), the
+/// readers get a terminal state and the in-flight entry goes away.
+pub(crate) struct InFlightGuard {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) hex: Hex,
+    pub(crate) shared: Arc<FillShared>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.shared.finish(Err(FillError::Aborted));
+        let shared = &self.shared;
+        self.inner
+            .inflight
+            .remove_if(&self.hex, |_, v| Arc::ptr_eq(v, shared));
+    }
+}
+
+/// The fill task.
+pub(crate) async fn run(guard: InFlightGuard, source: Arc<dyn BlobSource>) {
+    let inner = guard.inner.clone();
+    let shared = guard.shared.clone();
+    let res = tokio::select! {
+        r = fill_body(&inner, &shared, &guard.hex, source.as_ref()) => r,
+        () = inner.shutdown.cancelled() => Err(FillError::ShuttingDown),
+    };
+    match &res {
+        Ok(()) => tracing::debug!(digest = %shared.digest, "fill complete"),
+        Err(e @ FillError::DigestMismatch { .. }) => {
+            inner.stats.digest_mismatches.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(digest = %shared.digest, error = %e, "fill discarded");
+        }
+        Err(e) => tracing::warn!(digest = %shared.digest, error = %e, "fill failed"),
+    }
+    let ok = res.is_ok();
+    shared.finish(res);
+    drop(guard);
+    if ok {
+        inner.maybe_evict();
+    }
+}
+
+/// Decides whether a source error is resumed; sleeps the backoff if so.
+async fn retry_or_fail(inner: &Inner, attempts: &mut u32, e: SourceError) -> Result<(), FillError> {
+    if !e.retryable {
+        return Err(FillError::Source(e));
+    }
+    if *attempts >= inner.cfg.resume_attempts {
+        return Err(FillError::ResumeExhausted {
+            attempts: *attempts,
+            last: e,
+        });
+    }
+    *attempts += 1;
+    inner.stats.resumes.fetch_add(1, Ordering::Relaxed);
+    let backoff = inner
+        .cfg
+        .resume_backoff
+        .saturating_mul(1 << (*attempts - 1).min(6))
+        .min(Duration::from_secs(5));
+    tracing::info!(attempt = *attempts, error = %e, ?backoff, "upstream body broke, resuming");
+    tokio::time::sleep(backoff).await;
+    Ok(())
+}
+
+async fn fill_body(
+    inner: &Inner,
+    shared: &FillShared,
+    hex: &Hex,
+    source: &dyn BlobSource,
+) -> Result<(), FillError> {
+    let store = inner.store.clone();
+    let spool = tokio::task::spawn_blocking(move || store.put_temp())
+        .await
+        .map_err(|e| FillError::from(io::Error::other(e)))??;
+    let file = spool.file.clone();
+    shared.tx.send_modify(|p| p.file = Some(file.clone()));
+
+    let mut hasher = Sha256Hasher::new();
+    let mut written = 0u64;
+    let mut total: Option<u64> = None;
+    let mut attempts = 0u32;
+
+    'open: loop {
+        let body = match source.open(written).await {
+            Ok(b) => b,
+            Err(e) => {
+                retry_or_fail(inner, &mut attempts, e).await?;
+                continue 'open;
+            }
+        };
+        match (total, body.total_len) {
+            (Some(t), Some(n)) if t != n => {
+                return Err(FillError::LengthMismatch {
+                    expected: t,
+                    actual: n,
+                });
+            }
+            (None, Some(n)) => {
+                if n < written {
+                    return Err(FillError::LengthMismatch {
+                        expected: n,
+                        actual: written,
+                    });
+                }
+                total = Some(n);
+                shared.tx.send_modify(|p| p.total = Some(n));
+            }
+            _ => {}
+        }
+        let mut chunks = body.body.ready_chunks(WRITE_BATCH);
+        loop {
+            let Some(batch) = chunks.next().await else {
+                match total {
+                    Some(t) if written < t => {
+                        let eof = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("upstream body ended at {written} of {t} bytes"),
+                        );
+                        retry_or_fail(inner, &mut attempts, SourceError::retryable(eof)).await?;
+                        continue 'open;
+                    }
+                    _ => break 'open,
+                }
+            };
+            let mut data = Vec::with_capacity(batch.len());
+            let mut err = None;
+            for item in batch {
+                match item {
+                    Ok(b) => data.push(b),
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+            }
+            let n: u64 = data.iter().map(|b| b.len() as u64).sum();
+            if n > 0 {
+                if let Some(t) = total
+                    && written + n > t
+                {
+                    return Err(FillError::LengthMismatch {
+                        expected: t,
+                        actual: written + n,
+                    });
+                }
+                let f = file.clone();
+                let mut h = std::mem::replace(&mut hasher, Sha256Hasher::new());
+                let mut off = written;
+                hasher = tokio::task::spawn_blocking(move || -> io::Result<Sha256Hasher> {
+                    for b in &data {
+                        f.write_all_at(b, off)?;
+                        h.update(b);
+                        off += b.len() as u64;
+                    }
+                    Ok(h)
+                })
+                .await
+                .map_err(|e| FillError::from(io::Error::other(e)))??;
+                written += n;
+                shared.tx.send_modify(|p| p.written = written);
+            }
+            if let Some(e) = err {
+                retry_or_fail(inner, &mut attempts, e).await?;
+                continue 'open;
+            }
+        }
+    }
+
+    if let Some(t) = total
+        && t != written
+    {
+        return Err(FillError::LengthMismatch {
+            expected: t,
+            actual: written,
+        });
+    }
+    let actual = hasher.finish_hex();
+    if actual != hex.as_str() {
+        // `spool` drops here: the temp file is unlinked, nothing was ever visible.
+        return Err(FillError::DigestMismatch {
+            expected: hex.to_string(),
+            actual,
+        });
+    }
+    shared.tx.send_modify(|p| p.total = Some(written));
+    if inner.cfg.persist {
+        let key = ObjectKey {
+            kind: Kind::Blob,
+            hex: hex.clone(),
+        };
+        let meta = ObjectMeta {
+            size: written,
+            media_type: None,
+            references: Vec::new(),
+        };
+        inner.store.commit(spool, key, meta).await?;
+        let pin = inner.index.insert_blob(hex.clone(), written, now_ms());
+        // Only the fill task sets it, once.
+        let _ = shared.pin.set(pin);
+    }
+    // Without persistence the spool is unlinked here; open handles keep serving current readers.
+    Ok(())
+}

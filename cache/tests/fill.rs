@@ -1,0 +1,345 @@
+//! Fills: atomic commit, single flight, streaming, resume, digest mismatch, ranges, shutdown,
+//! no-cache mode.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::*;
+use futures_util::StreamExt;
+use registry_cache::{CacheError, FillError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miss_commits_atomically_then_hits() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(300_000);
+    let d = digest_of(&body);
+    let src = Arc::new(Fake::new(body.clone()));
+    let fill = h.cache.fill(&d, src.clone());
+    assert!(fill.is_leader());
+    assert_eq!(fill.meta().await.unwrap(), 300_000);
+    assert_eq!(collect(fill.reader(0, u64::MAX)).await.unwrap(), body);
+    assert_eq!(fill.wait().await.unwrap(), 300_000);
+
+    let blob_path = dir.path().join("blobs/sha256").join(d.digest());
+    assert_eq!(std::fs::read(&blob_path).unwrap(), body);
+    assert!(files_in(&dir.path().join("tmp")).is_empty(), "spool left behind");
+    let hit = h.cache.blob(&d).await.unwrap().expect("hit after commit");
+    assert_eq!(hit.len(), 300_000);
+    assert_eq!(collect(hit.reader(0, u64::MAX)).await.unwrap(), body);
+    assert_eq!(src.opens(), vec![0]);
+    let s = h.cache.stats();
+    assert_eq!((s.blob_entries, s.size_bytes), (1, 300_000));
+    assert!(h.cache.verify_blob(&d).await.unwrap());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_blob_is_never_visible_as_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(8 * 4096);
+    let d = digest_of(&body);
+    let fill = h.cache.fill(&d, Arc::new(Fake::new(body.clone()).slow(4096, 20)));
+    let mut r = fill.reader(0, u64::MAX);
+    let first = r.next().await.unwrap().unwrap();
+    assert_eq!(&first[..], &body[..first.len()]);
+    // Bytes are flowing, but nothing exists under the final name and blob() misses.
+    assert!(h.cache.blob(&d).await.unwrap().is_none());
+    assert!(files_in(&dir.path().join("blobs/sha256")).is_empty());
+    assert_eq!(files_in(&dir.path().join("tmp")).len(), 1, "spool lives in tmp/");
+    assert_eq!(h.cache.stats().fills_in_flight, 1);
+    fill.wait().await.unwrap();
+    assert!(h.cache.blob(&d).await.unwrap().is_some());
+    eventually("in-flight entry removed", || h.cache.stats().fills_in_flight == 0).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_fills_share_one_upstream_open_and_stream_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(20 * 8192);
+    let d = digest_of(&body);
+    let src = Arc::new(Fake::new(body.clone()).slow(8192, 15));
+    let mut joins = Vec::new();
+    for _ in 0..8 {
+        let cache = h.cache.clone();
+        let (d, src, body) = (d.clone(), src.clone(), body.clone());
+        joins.push(tokio::spawn(async move {
+            let fill = cache.fill(&d, src);
+            let leader = fill.is_leader();
+            let mut r = fill.reader(0, u64::MAX);
+            // The first byte arrives long before the ~300 ms fill completes.
+            let first = tokio::time::timeout(Duration::from_millis(200), r.next())
+                .await
+                .expect("first chunk should stream before completion")
+                .unwrap()
+                .unwrap();
+            let mut all = first.to_vec();
+            all.extend(collect(r).await.unwrap());
+            assert_eq!(all, body);
+            leader
+        }));
+    }
+    let mut leaders = 0;
+    for j in joins {
+        leaders += usize::from(j.await.unwrap());
+    }
+    assert_eq!(leaders, 1, "exactly one leader");
+    assert_eq!(src.opens(), vec![0], "exactly one upstream open");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_reader_does_not_cancel_the_fill() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(10 * 4096);
+    let d = digest_of(&body);
+    let src = Arc::new(Fake::new(body.clone()).slow(4096, 10));
+    {
+        let fill = h.cache.fill(&d, src.clone());
+        let mut r = fill.reader(0, u64::MAX);
+        r.next().await.unwrap().unwrap();
+        // Client disconnects: reader and handle dropped mid-body.
+    }
+    eventually("fill completes without readers", || {
+        h.cache.stats().blob_entries == 1
+    })
+    .await;
+    let hit = h.cache.blob(&d).await.unwrap().unwrap();
+    assert_eq!(collect(hit.reader(0, u64::MAX)).await.unwrap(), body);
+    assert_eq!(src.opens(), vec![0]);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digest_mismatch_fails_every_reader_and_caches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(100_000);
+    let d = digest_of(&body);
+    let mut fake = Fake::new(body.clone()).slow(10_000, 5);
+    fake.corrupt = true;
+    let src = Arc::new(fake);
+    let fills: Vec<_> = (0..3).map(|_| h.cache.fill(&d, src.clone())).collect();
+    for f in &fills {
+        let mut r = f.reader(0, u64::MAX);
+        let mut got_err = false;
+        while let Some(item) = r.next().await {
+            if let Err(e) = item {
+                assert!(matches!(e, CacheError::Fill(FillError::DigestMismatch { .. })), "{e}");
+                got_err = true;
+            }
+        }
+        assert!(got_err, "reader must end with an error, not cleanly");
+    }
+    assert!(matches!(fills[0].wait().await, Err(FillError::DigestMismatch { .. })));
+    assert_eq!(src.opens(), vec![0]);
+    assert_eq!(h.cache.stats().digest_mismatches_total, 1);
+    assert!(h.cache.blob(&d).await.unwrap().is_none());
+    assert!(files_in(&dir.path().join("blobs/sha256")).is_empty());
+    eventually("spool removed", || files_in(&dir.path().join("tmp")).is_empty()).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_upstream_drop_is_seamless() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(200_000);
+    let d = digest_of(&body);
+    let src = Arc::new(Fake::new(body.clone()).broken(70_000, 2));
+    let fill = h.cache.fill(&d, src.clone());
+    assert_eq!(collect(fill.reader(0, u64::MAX)).await.unwrap(), body);
+    assert_eq!(src.opens(), vec![0, 70_000, 140_000], "Range re-requests at the written offset");
+    assert_eq!(h.cache.stats().resumes_total, 2);
+    assert!(h.cache.verify_blob(&d).await.unwrap());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_budget_exhausted_fails_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.resume_attempts = 2;
+    let h = open(c).await;
+    let body = data(100_000);
+    let d = digest_of(&body);
+    let src = Arc::new(Fake::new(body.clone()).broken(10_000, usize::MAX));
+    let fill = h.cache.fill(&d, src.clone());
+    let err = collect(fill.reader(0, u64::MAX)).await.unwrap_err();
+    assert!(
+        matches!(err, CacheError::Fill(FillError::ResumeExhausted { attempts: 2, .. })),
+        "{err}"
+    );
+    assert_eq!(src.opens(), vec![0, 10_000, 20_000]);
+    assert!(h.cache.blob(&d).await.unwrap().is_none());
+    eventually("spool removed", || files_in(&dir.path().join("tmp")).is_empty()).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_body_with_another_length_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(50_000);
+    let d = digest_of(&body);
+    let mut fake = Fake::new(body.clone()).broken(20_000, 1);
+    fake.resumed_total = Some(60_000);
+    let fill = h.cache.fill(&d, Arc::new(fake));
+    let err = fill.wait().await.unwrap_err();
+    assert!(
+        matches!(err, FillError::LengthMismatch { expected: 50_000, actual: 60_000 }),
+        "{err}"
+    );
+    assert!(h.cache.blob(&d).await.unwrap().is_none());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_body_is_resumed_and_unknown_length_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(30_000);
+    let d = digest_of(&body);
+    // A body that ends cleanly but short of Content-Length is a drop: resume.
+    let mut fake = Fake::new(body.clone()).broken(12_000, 1);
+    fake.eof_instead_of_error = true;
+    let src = Arc::new(fake);
+    let fill = h.cache.fill(&d, src.clone());
+    assert_eq!(collect(fill.reader(0, u64::MAX)).await.unwrap(), body);
+    assert_eq!(src.opens(), vec![0, 12_000]);
+
+    let body2 = data(30_001);
+    let d2 = digest_of(&body2);
+    let mut fake = Fake::new(body2.clone());
+    fake.announce_len = false;
+    let fill = h.cache.fill(&d2, Arc::new(fake));
+    // Without a length, meta() waits for the verified end.
+    assert_eq!(fill.meta().await.unwrap(), 30_001);
+    assert_eq!(collect(fill.reader(100, 199)).await.unwrap(), &body2[100..200]);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_error_reaches_meta_with_the_callers_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let d = digest_of(b"missing");
+    let mut fake = Fake::new(data(10));
+    fake.not_found = true;
+    let src = Arc::new(fake);
+    let fill = h.cache.fill(&d, src.clone());
+    match fill.meta().await {
+        Err(FillError::Source(e)) => {
+            assert!(!e.retryable);
+            assert!(e.downcast_ref::<NotFound>().is_some(), "proxy can map 404");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(src.opens(), vec![0], "fatal errors are not retried");
+    assert!(collect(fill.reader(0, u64::MAX)).await.is_err());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_on_in_flight_fill_and_on_hit() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(16 * 8192);
+    let d = digest_of(&body);
+    let fill = h.cache.fill(&d, Arc::new(Fake::new(body.clone()).slow(8192, 10)));
+    assert_eq!(fill.meta().await.unwrap(), body.len() as u64);
+    // A range near the end waits for those bytes, then gets exactly them.
+    let (a, b) = (100_000u64, 120_000u64);
+    let tail = fill.reader(a, b);
+    let head = fill.reader(0, 9);
+    assert_eq!(collect(head).await.unwrap(), &body[..10]);
+    assert_eq!(collect(tail).await.unwrap(), &body[a as usize..=b as usize]);
+    // Past the end is unsatisfiable; an end past the end is clamped.
+    assert!(matches!(
+        collect(fill.reader(body.len() as u64, u64::MAX)).await,
+        Err(CacheError::RangeNotSatisfiable { .. })
+    ));
+    assert_eq!(
+        collect(fill.reader(131_000, 999_999)).await.unwrap(),
+        &body[131_000..]
+    );
+    fill.wait().await.unwrap();
+
+    let hit = h.cache.blob(&d).await.unwrap().unwrap();
+    let ranges = [(0u64, 0u64), (65_535, 65_536), (7, 100_007), (131_071, 131_071)];
+    for (s, e) in ranges {
+        assert_eq!(
+            collect(hit.reader(s, e)).await.unwrap(),
+            &body[s as usize..=e as usize]
+        );
+    }
+    assert!(collect(hit.reader(200_000, 200_001)).await.is_err());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_cache_mode_coalesces_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.persist = false;
+    let h = open(c).await;
+    let body = data(10 * 4096);
+    let d = digest_of(&body);
+    let src = Arc::new(Fake::new(body.clone()).slow(4096, 10));
+    let fills: Vec<_> = (0..4).map(|_| h.cache.fill(&d, src.clone())).collect();
+    assert_eq!(fills.iter().filter(|f| f.is_leader()).count(), 1);
+    let readers: Vec<_> = fills.iter().map(|f| f.reader(0, u64::MAX)).collect();
+    drop(fills);
+    for r in readers {
+        assert_eq!(collect(r).await.unwrap(), body);
+    }
+    assert_eq!(src.opens(), vec![0]);
+    eventually("fill finished", || h.cache.stats().fills_in_flight == 0).await;
+    assert!(files_in(&dir.path().join("tmp")).is_empty(), "spool deleted");
+    assert!(files_in(&dir.path().join("blobs/sha256")).is_empty());
+    assert!(h.cache.blob(&d).await.unwrap().is_none(), "never served from disk");
+    // Manifests and tags are not stored either.
+    let m = br#"{"schemaVersion":2}"#;
+    let md = digest_of(m);
+    h.cache
+        .put_manifest(&md, "application/json", m.as_slice().into(), vec![])
+        .await
+        .unwrap();
+    assert!(h.cache.manifest(&md).await.unwrap().is_none());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_fills_and_removes_temp_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(100 * 4096);
+    let d = digest_of(&body);
+    let fill = h.cache.fill(&d, Arc::new(Fake::new(body.clone()).slow(4096, 50)));
+    let mut r = fill.reader(0, u64::MAX);
+    r.next().await.unwrap().unwrap();
+    let cache = h.cache.clone();
+    h.stop().await; // bounded: panics if a task outlives the tracker
+    let rest = collect(r).await;
+    assert!(matches!(rest, Err(CacheError::Fill(FillError::ShuttingDown))), "{rest:?}");
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+    assert!(cache.blob(&d).await.unwrap().is_none());
+    let late = cache.fill(&d, Arc::new(Fake::new(body)));
+    assert!(matches!(late.meta().await, Err(FillError::ShuttingDown)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_sha256_digests_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let d: registry_cache::Digest = format!("sha512:{}", "a".repeat(128)).parse().unwrap();
+    assert!(matches!(h.cache.blob(&d).await, Err(CacheError::InvalidDigest(_))));
+    let fill = h.cache.fill(&d, Arc::new(Fake::new(data(1))));
+    assert!(matches!(fill.meta().await, Err(FillError::InvalidDigest(_))));
+    h.stop().await;
+}
