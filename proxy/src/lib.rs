@@ -14,7 +14,8 @@
 //! - [`error`]: every client-visible error mapped to a status and an OCI error body, in one
 //!   place.
 //! - [`observe`]: per-request metrics and the access log line; [`metrics`]: the families.
-//! - [`ops`]: the plain-HTTP port with `/metrics`, `/healthz`, `/readyz`.
+//! - [`ops`]: the plain-HTTP port with `/metrics`, `/healthz`, `/readyz`; [`probe`]: the
+//!   background upstream probe behind `/readyz` and the probe metrics.
 //! - [`server`]: listeners, TLS, HTTP/1.1 + HTTP/2, graceful shutdown; [`tls`]: the
 //!   serving certificate.
 //!
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod observe;
 pub mod ops;
 pub mod path;
+pub mod probe;
 pub mod routes;
 pub mod server;
 pub mod tls;
@@ -53,6 +55,20 @@ pub async fn run(
     let upstream = upstream::Upstream::new(&config, metrics.clone())?;
     let tasks = tokio_util::task::TaskTracker::new();
     let cache = open_cache(&config, tasks.clone(), shutdown.clone()).await?;
+    if let Some(layer) = &cache {
+        let c = layer.cache().clone();
+        metrics.set_stats_source(Box::new(move || c.stats()));
+    }
+    let probe = probe::Probe::default();
+    tasks.spawn(probe::run(
+        probe.clone(),
+        upstream.clone(),
+        config.upstream.path.clone(),
+        config.args.probe_reference.clone(),
+        config.args.probe_interval,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let state = routes::AppState {
         upstream,
         alias: path::Alias::new(&config.alias, &config.upstream.path),
@@ -62,6 +78,9 @@ pub async fn run(
     let tls = match (&config.args.tls_cert, &config.args.tls_key) {
         (Some(cert), Some(key)) => {
             let ck = tls::load_certified_key(cert, key).map_err(Error::Tls)?;
+            metrics
+                .cert_expiry
+                .set(tls::leaf_not_after(&ck).unwrap_or(0));
             let reloadable = Arc::new(tls::ReloadableCert::new(ck));
             let server_config = tls::server_config(reloadable).map_err(Error::Tls)?;
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(server_config)))
@@ -75,7 +94,12 @@ pub async fn run(
     ));
     let ops_task = metrics_listener.map(|l| {
         tracing::info!(addr = %server::local(&l), "serving metrics and health");
-        let ops_app = ops::app(metrics.clone(), ready.clone());
+        let ops_app = ops::app(
+            metrics.clone(),
+            ready.clone(),
+            probe.clone(),
+            config.args.strict_readiness,
+        );
         let token = shutdown.clone();
         tokio::spawn(server::serve(
             l,

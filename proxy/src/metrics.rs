@@ -15,7 +15,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Typed handles of every metric family.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
     /// Requests by method, route template and status.
@@ -43,7 +43,33 @@ pub struct Metrics {
     pub cache_results: IntCounterVec,
     /// Build information (value 1).
     pub build_info: IntGaugeVec,
+    /// Bytes of committed cache objects.
+    pub cache_size: IntGauge,
+    /// Cache entries by kind (`blob`, `manifest`, `tag`).
+    pub cache_entries: IntGaugeVec,
+    /// Blob fills running.
+    pub cache_fills_in_flight: IntGauge,
+    /// Objects evicted for space.
+    pub cache_evictions: IntCounter,
+    /// Fills or manifests rejected because bytes did not match the digest.
+    pub cache_digest_mismatches: IntCounter,
+    /// Upstream re-opens (`Range: bytes=N-`) after a mid-blob failure.
+    pub cache_fill_resumes: IntCounter,
+    /// Last upstream probe outcome: 1 on the current outcome, 0 on the others.
+    pub probe_outcome: IntGaugeVec,
+    /// Unix time of the last successful probe.
+    pub probe_last_success: IntGauge,
+    /// `notAfter` of the serving certificate (Unix seconds).
+    pub cert_expiry: IntGauge,
+    /// Secret/config file reloads by file and result.
+    pub config_reloads: IntCounterVec,
+    /// Client authentication decisions by result.
+    pub client_auth: IntCounterVec,
+    stats_source: std::sync::Arc<std::sync::Mutex<Option<StatsSource>>>,
 }
+
+/// Reads the cache counters at scrape time.
+pub type StatsSource = Box<dyn Fn() -> registry_cache::CacheStats + Send + Sync>;
 
 impl Metrics {
     /// Registers every family in a fresh registry.
@@ -124,8 +150,73 @@ impl Metrics {
             Opts::new("registry_proxy_build_info", "Build information."),
             &["version"],
         );
+        let cache_size = IntGauge::new(
+            "registry_proxy_cache_size_bytes",
+            "Bytes of committed blobs and manifests in the cache.",
+        );
+        let cache_entries = IntGaugeVec::new(
+            Opts::new("registry_proxy_cache_entries", "Cache entries by kind."),
+            &["kind"],
+        );
+        let cache_fills_in_flight = IntGauge::new(
+            "registry_proxy_cache_fills_in_flight",
+            "Blob fills from the upstream running now.",
+        );
+        let cache_evictions = IntCounter::new(
+            "registry_proxy_cache_evictions_total",
+            "Cache objects evicted for space.",
+        );
+        let cache_digest_mismatches = IntCounter::new(
+            "registry_proxy_cache_digest_mismatches_total",
+            "Upstream content rejected because it did not match its digest.",
+        );
+        let cache_fill_resumes = IntCounter::new(
+            "registry_proxy_cache_fill_resumes_total",
+            "Upstream re-requests with Range after a blob body broke mid-way.",
+        );
+        let probe_outcome = IntGaugeVec::new(
+            Opts::new(
+                "registry_proxy_upstream_probe_outcome",
+                "Outcome of the last upstream probe (1 = current).",
+            ),
+            &["outcome"],
+        );
+        let probe_last_success = IntGauge::new(
+            "registry_proxy_upstream_probe_last_success_timestamp_seconds",
+            "Unix time of the last successful upstream probe (0 = never).",
+        );
+        let cert_expiry = IntGauge::new(
+            "registry_proxy_tls_cert_expiry_timestamp_seconds",
+            "notAfter of the serving certificate as Unix time (0 = plain HTTP).",
+        );
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "registry_proxy_config_reloads_total",
+                "Reloads of secret and certificate files by file and result.",
+            ),
+            &["file", "result"],
+        );
+        let client_auth = IntCounterVec::new(
+            Opts::new(
+                "registry_proxy_client_auth_total",
+                "Client authentication decisions by result.",
+            ),
+            &["result"],
+        );
         let m = Self {
             registry,
+            cache_size: ok_or_unregistered(cache_size),
+            cache_entries: ok_or_unregistered(cache_entries),
+            cache_fills_in_flight: ok_or_unregistered(cache_fills_in_flight),
+            cache_evictions: ok_or_unregistered(cache_evictions),
+            cache_digest_mismatches: ok_or_unregistered(cache_digest_mismatches),
+            cache_fill_resumes: ok_or_unregistered(cache_fill_resumes),
+            probe_outcome: ok_or_unregistered(probe_outcome),
+            probe_last_success: ok_or_unregistered(probe_last_success),
+            cert_expiry: ok_or_unregistered(cert_expiry),
+            config_reloads: ok_or_unregistered(config_reloads),
+            client_auth: ok_or_unregistered(client_auth),
+            stats_source: std::sync::Arc::default(),
             requests: ok_or_unregistered(requests),
             request_duration: ok_or_unregistered(request_duration),
             in_flight: ok_or_unregistered(in_flight),
@@ -141,6 +232,15 @@ impl Metrics {
         };
         m.register_all();
         m.rate_limit_remaining.set(-1);
+        for kind in ["blob", "manifest", "tag"] {
+            m.cache_entries.with_label_values(&[kind]).set(0);
+        }
+        for o in crate::probe::OUTCOMES {
+            m.probe_outcome.with_label_values(&[o]).set(0);
+        }
+        for r in ["ok", "error"] {
+            m.token_fetches.with_label_values(&[r]).inc_by(0);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -161,6 +261,17 @@ impl Metrics {
             Box::new(self.bytes_served.clone()),
             Box::new(self.cache_results.clone()),
             Box::new(self.build_info.clone()),
+            Box::new(self.cache_size.clone()),
+            Box::new(self.cache_entries.clone()),
+            Box::new(self.cache_fills_in_flight.clone()),
+            Box::new(self.cache_evictions.clone()),
+            Box::new(self.cache_digest_mismatches.clone()),
+            Box::new(self.cache_fill_resumes.clone()),
+            Box::new(self.probe_outcome.clone()),
+            Box::new(self.probe_last_success.clone()),
+            Box::new(self.cert_expiry.clone()),
+            Box::new(self.config_reloads.clone()),
+            Box::new(self.client_auth.clone()),
         ];
         for c in collectors {
             if let Err(e) = self.registry.register(c) {
@@ -210,8 +321,48 @@ impl Metrics {
         self.cache_results.with_label_values(&[kind, result]).inc();
     }
 
+    /// Registers the function read at every scrape for cache gauges and counters.
+    pub fn set_stats_source(&self, source: StatsSource) {
+        if let Ok(mut g) = self.stats_source.lock() {
+            *g = Some(source);
+        }
+    }
+
+    /// Copies the cache's own counters into the families. Counters only move forward, by
+    /// the difference since the last scrape.
+    fn refresh_cache_stats(&self) {
+        let stats = match self.stats_source.lock() {
+            Ok(g) => g.as_ref().map(|f| f()),
+            Err(_) => None,
+        };
+        let Some(s) = stats else { return };
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.cache_size.set(clamp(s.size_bytes));
+        self.cache_entries
+            .with_label_values(&["blob"])
+            .set(clamp(s.blob_entries));
+        self.cache_entries
+            .with_label_values(&["manifest"])
+            .set(clamp(s.manifest_entries));
+        self.cache_entries
+            .with_label_values(&["tag"])
+            .set(clamp(s.tag_entries));
+        self.cache_fills_in_flight.set(clamp(s.fills_in_flight));
+        for (counter, total) in [
+            (&self.cache_evictions, s.evictions_total),
+            (&self.cache_digest_mismatches, s.digest_mismatches_total),
+            (&self.cache_fill_resumes, s.resumes_total),
+        ] {
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        }
+    }
+
     /// Text exposition of every family.
     pub fn encode(&self) -> String {
+        self.refresh_cache_stats();
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");
@@ -222,6 +373,12 @@ impl Metrics {
     /// The registry, for collectors added by other modules.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
     }
 }
 

@@ -11,6 +11,7 @@ use axum::routing::get;
 use http::{StatusCode, header};
 
 use crate::metrics::Metrics;
+use crate::probe::Probe;
 
 /// Whether the API listener is up and the configuration loaded.
 #[derive(Clone, Debug, Default)]
@@ -34,15 +35,23 @@ impl Readiness {
 struct OpsState {
     metrics: Arc<Metrics>,
     ready: Readiness,
+    probe: Probe,
+    strict: bool,
 }
 
-/// Router of the ops port.
-pub fn app(metrics: Arc<Metrics>, ready: Readiness) -> Router {
+/// Router of the ops port. With `strict`, `/readyz` also fails while the upstream probe
+/// fails.
+pub fn app(metrics: Arc<Metrics>, ready: Readiness, probe: Probe, strict: bool) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(OpsState { metrics, ready })
+        .with_state(OpsState {
+            metrics,
+            ready,
+            probe,
+            strict,
+        })
 }
 
 async fn metrics_handler(State(s): State<OpsState>) -> impl IntoResponse {
@@ -56,9 +65,24 @@ async fn metrics_handler(State(s): State<OpsState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
-    if s.ready.is_ready() {
-        (StatusCode::OK, "ready\n")
+    let probe = s.probe.status();
+    let listening = s.ready.is_ready();
+    let upstream_ok = probe.outcome == "ok";
+    let ready = listening && (!s.strict || upstream_ok);
+    let body = serde_json::json!({
+        "ready": ready,
+        "listening": listening,
+        "strict": s.strict,
+        "upstream": &*probe,
+    });
+    let status = if ready {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
 }

@@ -1,0 +1,230 @@
+//! Background upstream probe: at start-up and every `--probe-interval`, the same
+//! round trip a pull makes.
+//!
+//! 1. `GET /v2/` with the configured credentials (Basic, or a token from the realm);
+//! 2. `GET <imagesRepo path>/tags/list?n=1` with a repository-scoped token, so a wrong
+//!    license or a wrong path shows up, not only an unreachable host;
+//! 3. `HEAD` of the manifest named by `--probe-reference`, when given.
+//!
+//! Failures are classified `unreachable | tls | auth | not_found` (Deckhouse's 2026
+//! rewrite uses the same taxonomy). Readiness reports the result but, unless
+//! `--strict-readiness`, does not fail on it: an upstream blip must not take every
+//! replica out of the Service while cached content can still be served.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// Every outcome label, so all series exist from the first scrape.
+pub const OUTCOMES: [&str; 6] = ["ok", "unreachable", "tls", "auth", "not_found", "unknown"];
+
+/// Result of the last probe.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeStatus {
+    /// `ok`, `unreachable`, `tls`, `auth`, `not_found` or `unknown` (not run yet).
+    pub outcome: &'static str,
+    /// What failed, for operators (no secrets).
+    pub message: String,
+    /// Unix time of the last probe (0 = never).
+    pub checked_at: u64,
+    /// Unix time of the last success (0 = never).
+    pub last_success: u64,
+}
+
+/// Shared probe state read by `/readyz`.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    status: Arc<ArcSwap<ProbeStatus>>,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Self {
+            status: Arc::new(ArcSwap::from_pointee(ProbeStatus {
+                outcome: "unknown",
+                message: "not probed yet".to_owned(),
+                checked_at: 0,
+                last_success: 0,
+            })),
+        }
+    }
+}
+
+impl Probe {
+    /// The last result.
+    pub fn status(&self) -> Arc<ProbeStatus> {
+        self.status.load_full()
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Maps a failed step to its outcome label.
+pub fn classify(e: &ApiError) -> &'static str {
+    if e.code() == "DENIED" {
+        return "auth";
+    }
+    if e.status() == StatusCode::NOT_FOUND {
+        return "not_found";
+    }
+    let m = e.message().to_ascii_lowercase();
+    if m.contains("certificate") || m.contains("tls") || m.contains("handshake") {
+        return "tls";
+    }
+    if m.contains("authentication") || m.contains("token") {
+        return "auth";
+    }
+    "unreachable"
+}
+
+/// One probe round trip.
+async fn probe_once(
+    upstream: &Upstream,
+    repo: &str,
+    reference: Option<&str>,
+) -> Result<(), (&'static str, String)> {
+    let fail = |step: &str, e: ApiError| (classify(&e), format!("{step}: {}", e.message()));
+    let empty = HeaderMap::new();
+    let resp = upstream
+        .send(Method::GET, "", &empty, None)
+        .await
+        .map_err(|e| fail("GET /v2/", e))?;
+    check_status(resp.status(), "GET /v2/")?;
+    let scope = format!("repository:{repo}:pull");
+    let resp = upstream
+        .send(
+            Method::GET,
+            &format!("{repo}/tags/list?n=1"),
+            &empty,
+            Some(&scope),
+        )
+        .await
+        .map_err(|e| fail("tags/list", e))?;
+    check_status(resp.status(), &format!("GET {repo}/tags/list"))?;
+    if let Some(tag) = reference {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(crate::routes::MANIFEST_ACCEPT),
+        );
+        let resp = upstream
+            .send(
+                Method::HEAD,
+                &format!("{repo}/manifests/{tag}"),
+                &h,
+                Some(&scope),
+            )
+            .await
+            .map_err(|e| fail("manifest HEAD", e))?;
+        check_status(resp.status(), &format!("HEAD {repo}/manifests/{tag}"))?;
+    }
+    Ok(())
+}
+
+fn check_status(status: StatusCode, step: &str) -> Result<(), (&'static str, String)> {
+    match status.as_u16() {
+        200..=299 => Ok(()),
+        401 | 403 => Err(("auth", format!("{step}: upstream answered {status}"))),
+        404 => Err(("not_found", format!("{step}: upstream answered {status}"))),
+        _ => Err(("unreachable", format!("{step}: upstream answered {status}"))),
+    }
+}
+
+/// Runs the probe until `shutdown`.
+pub async fn run(
+    probe: Probe,
+    upstream: Upstream,
+    repo: String,
+    reference: Option<String>,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = tokio::time::timeout(interval.max(Duration::from_secs(5)), probe_once(&upstream, &repo, reference.as_deref())) => r,
+        };
+        let result = result.unwrap_or_else(|_| Err(("unreachable", "probe timed out".to_owned())));
+        let previous = probe.status();
+        let now = now_unix();
+        let status = match result {
+            Ok(()) => ProbeStatus {
+                outcome: "ok",
+                message: String::new(),
+                checked_at: now,
+                last_success: now,
+            },
+            Err((outcome, message)) => ProbeStatus {
+                outcome,
+                message,
+                checked_at: now,
+                last_success: previous.last_success,
+            },
+        };
+        if status.outcome != previous.outcome {
+            if status.outcome == "ok" {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "upstream probe ok"
+                );
+            } else {
+                tracing::warn!(outcome = status.outcome, message = %status.message, "upstream probe failing");
+            }
+        }
+        for o in OUTCOMES {
+            metrics
+                .probe_outcome
+                .with_label_values(&[o])
+                .set(i64::from(o == status.outcome));
+        }
+        metrics
+            .probe_last_success
+            .set(i64::try_from(status.last_success).unwrap_or(0));
+        probe.status.store(Arc::new(status));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(&ApiError::upstream_denied(401)), "auth");
+        assert_eq!(
+            classify(&ApiError::upstream_not_found("NAME_UNKNOWN", "x")),
+            "not_found"
+        );
+        assert_eq!(
+            classify(&ApiError::upstream_unreachable(
+                "connection failed: invalid peer certificate: UnknownIssuer"
+            )),
+            "tls"
+        );
+        assert_eq!(
+            classify(&ApiError::upstream_unreachable(
+                "connection failed: connection refused"
+            )),
+            "unreachable"
+        );
+        assert_eq!(classify(&ApiError::upstream_timeout()), "unreachable");
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite drives (real registry, clients, load and
+# lint tools) when any is missing. Idempotent; needs root (CI and dev machines are root).
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have docker-registry || need+=(docker-registry)
+have skopeo || need+=(skopeo)
+have containerd || need+=(containerd)
+have ctr || need+=(containerd)
+have runc || need+=(runc)
+have podman || need+=(podman)
+have nginx || need+=(nginx-light)
+have wrk || need+=(wrk)
+have hyperfine || need+=(hyperfine)
+have htpasswd || need+=(apache2-utils)
+have promtool || need+=(prometheus)
+have jq || need+=(jq)
+have curl || need+=(curl)
+have openssl || need+=(openssl)
+
+if ((${#need[@]} == 0)); then
+  echo "test dependencies: all present"
+  exit 0
+fi
+echo "test dependencies: installing ${need[*]}"
+if [[ $(id -u) -ne 0 ]]; then
+  echo "error: need root to apt-get install ${need[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+echo "test dependencies: installed"
