@@ -29,7 +29,7 @@ use registry_cache::{BlobSource, Cache, Digest, FillError, SourceBody, SourceErr
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::routes::{self, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
+use crate::routes::{self, AppState, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
 use crate::upstream::Upstream;
 
 /// How the proxy uses the cache.
@@ -185,7 +185,7 @@ fn blob_headers(digest: &Digest, len: u64) -> HeaderMap {
         HeaderValue::from_static("application/octet-stream"),
     );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(digest.as_ref()) {
         h.insert("docker-content-digest", v);
     }
     if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
@@ -293,15 +293,15 @@ impl ApiError {
 
 /// `GET|HEAD /v2/<name>/blobs/<digest>` through the cache.
 pub async fn blob(
+    state: &AppState,
     layer: &CacheLayer,
-    upstream: &Upstream,
-    metrics: &Arc<Metrics>,
     method: &Method,
     remote: &str,
     digest: &Digest,
     req_headers: &HeaderMap,
     scope: &str,
 ) -> Result<Response, ApiError> {
+    let (upstream, metrics) = (&state.upstream, &state.metrics);
     let head = *method == Method::HEAD;
     let sha256 = digest.algorithm().as_ref() == "sha256";
     if layer.persistent && sha256 {
@@ -425,7 +425,7 @@ fn manifest_response(
     if let Ok(v) = HeaderValue::from_str(media_type) {
         h.insert(header::CONTENT_TYPE, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(digest.as_ref()) {
         h.insert("docker-content-digest", v);
     }
     if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
@@ -541,15 +541,14 @@ fn prefetch(
 
 /// `GET|HEAD /v2/<name>/manifests/<digest>` through the cache.
 pub async fn manifest_by_digest(
+    state: &AppState,
     layer: &CacheLayer,
-    upstream: &Upstream,
-    metrics: &Arc<Metrics>,
     method: &Method,
-    local: &str,
     remote: &str,
     digest: &Digest,
     scope: &str,
 ) -> Result<Response, ApiError> {
+    let (upstream, metrics) = (&state.upstream, &state.metrics);
     let head = *method == Method::HEAD;
     if layer.persistent && digest.algorithm().as_ref() == "sha256" {
         match layer.cache.manifest(digest).await {
@@ -568,14 +567,13 @@ pub async fn manifest_by_digest(
             Err(e) => tracing::warn!(error = %e, %digest, "manifest cache lookup failed"),
         }
     }
-    let _ = local;
     metrics.cache("manifest", if layer.persistent { "miss" } else { "bypass" });
     let (bytes, media_type, d) = fetch_manifest(
         layer,
         upstream,
         metrics,
         remote,
-        &digest.to_string(),
+        digest.as_ref(),
         Some(digest),
         scope,
     )
@@ -592,14 +590,14 @@ pub async fn manifest_by_digest(
 
 /// `GET|HEAD /v2/<name>/manifests/<tag>` through the cache.
 pub async fn manifest_by_tag(
+    state: &AppState,
     layer: &CacheLayer,
-    upstream: &Upstream,
-    metrics: &Arc<Metrics>,
     method: &Method,
     remote: &str,
     tag: &str,
     scope: &str,
 ) -> Result<Response, ApiError> {
+    let (upstream, metrics) = (&state.upstream, &state.metrics);
     let head = *method == Method::HEAD;
     let record = match layer.cache.tag(remote, tag).await {
         Ok(r) => r,
@@ -671,7 +669,7 @@ pub async fn manifest_by_tag(
         upstream,
         metrics,
         remote,
-        &digest.to_string(),
+        digest.as_ref(),
         Some(&digest),
         scope,
     )

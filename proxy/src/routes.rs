@@ -120,47 +120,18 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
     let scope = format!("repository:{remote}:pull");
     let query = filtered_query(&route, req.uri.query());
     let result = match &route {
-        Route::Manifest { reference, name } => match (&state.cache, reference) {
+        Route::Manifest { reference, .. } => match (&state.cache, reference) {
             (Some(c), Reference::Digest(d)) if c.is_persistent() => {
-                crate::cached::manifest_by_digest(
-                    c,
-                    &state.upstream,
-                    &state.metrics,
-                    &method,
-                    name,
-                    &remote,
-                    d,
-                    &scope,
-                )
-                .await
+                crate::cached::manifest_by_digest(state, c, &method, &remote, d, &scope).await
             }
             (Some(c), Reference::Tag(t)) if c.is_persistent() => {
-                crate::cached::manifest_by_tag(
-                    c,
-                    &state.upstream,
-                    &state.metrics,
-                    &method,
-                    &remote,
-                    t,
-                    &scope,
-                )
-                .await
+                crate::cached::manifest_by_tag(state, c, &method, &remote, t, &scope).await
             }
             _ => manifest(state, &method, &remote, reference, &req.headers, &scope).await,
         },
         Route::Blob { digest, .. } => match &state.cache {
             Some(c) => {
-                crate::cached::blob(
-                    c,
-                    &state.upstream,
-                    &state.metrics,
-                    &method,
-                    &remote,
-                    digest,
-                    &req.headers,
-                    &scope,
-                )
-                .await
+                crate::cached::blob(state, c, &method, &remote, digest, &req.headers, &scope).await
             }
             None => {
                 let p = format!("{remote}/blobs/{digest}");
