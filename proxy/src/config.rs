@@ -169,6 +169,9 @@ pub struct Args {
     /// How long in-flight requests may run after SIGTERM.
     #[arg(long, env = "REGISTRY_PROXY_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// How often secret and certificate files are checked for changes.
+    #[arg(long, env = "REGISTRY_PROXY_RELOAD_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub reload_interval: Duration,
     /// Log format.
     #[arg(
         long,

@@ -10,6 +10,8 @@
 //! - [`routes`]: the API handlers: validate, map, authorise, answer from the upstream.
 //! - [`cached`]: serving blobs and manifests through `registry-cache` (hits, single-flight
 //!   streaming misses, tag revalidation with stale-if-error, prefetch).
+//! - [`client_auth`]: `/auth/token`, the client check in front of `/v2/` and live reload
+//!   of secret files (decisions in `registry-auth`).
 //! - [`upstream`]: the upstream client (reqwest + `registry-auth`'s token cache).
 //! - [`error`]: every client-visible error mapped to a status and an OCI error body, in one
 //!   place.
@@ -23,6 +25,7 @@
 //! [`run`].
 
 pub mod cached;
+pub mod client_auth;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -69,8 +72,10 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let edge = client_auth::build(&config, metrics.clone())?;
     let state = routes::AppState {
-        upstream,
+        edge: edge.clone(),
+        upstream: upstream.clone(),
         alias: path::Alias::new(&config.alias, &config.upstream.path),
         metrics: metrics.clone(),
         cache,

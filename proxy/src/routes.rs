@@ -52,16 +52,20 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Blob and manifest cache; `None` = plain pass-through.
     pub cache: Option<crate::cached::CacheLayer>,
+    /// Client authentication.
+    pub edge: crate::client_auth::Edge,
 }
 
 /// The API router (also used by tests through `oneshot`).
 pub fn app(state: AppState) -> Router {
+    let tokens = crate::client_auth::token_routes(state.edge.clone());
     Router::new()
         .route("/v2", any(dispatch))
         .route("/v2/", any(dispatch))
         .route("/v2/{*rest}", any(dispatch))
         .fallback(|| async { ApiError::not_found_route() })
         .with_state(state)
+        .merge(tokens)
 }
 
 /// Marks a response with its bounded route label for metrics and logs.
@@ -106,6 +110,11 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
     if method != Method::GET && method != Method::HEAD {
         return Err((label, ApiError::unsupported_method()));
     }
+    state
+        .edge
+        .check(&req.headers, route.name())
+        .await
+        .map_err(|e| (label, e))?;
     if route == Route::Base {
         return Ok((label, base_response()));
     }

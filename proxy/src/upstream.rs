@@ -28,7 +28,8 @@ const FORWARDED_REQUEST_HEADERS: [header::HeaderName; 3] =
 /// Client of the one upstream registry.
 #[derive(Clone)]
 pub struct Upstream {
-    http: reqwest::Client,
+    /// Swapped when the upstream CA file changes.
+    http: Arc<arc_swap::ArcSwap<reqwest::Client>>,
     base: String,
     auth: Arc<UpstreamAuth>,
     metrics: Arc<Metrics>,
@@ -74,7 +75,7 @@ impl Upstream {
         let m = metrics.clone();
         auth.set_observer(Arc::new(move |ok, elapsed| m.token_fetch(ok, elapsed)));
         Ok(Self {
-            http,
+            http: Arc::new(arc_swap::ArcSwap::from_pointee(http)),
             base: config.upstream_base(),
             auth,
             metrics,
@@ -84,6 +85,12 @@ impl Upstream {
     /// The auth state (for credential reloads).
     pub fn auth(&self) -> &Arc<UpstreamAuth> {
         &self.auth
+    }
+
+    /// Installs a client built with a reloaded upstream CA; requests in flight keep theirs.
+    pub fn set_client(&self, http: reqwest::Client) {
+        self.auth.set_client(http.clone());
+        self.http.store(Arc::new(http));
     }
 
     /// `scheme://host` of the upstream.
@@ -143,10 +150,8 @@ impl Upstream {
         headers: &HeaderMap,
         authorization: Option<&HeaderValue>,
     ) -> Result<reqwest::Response, ApiError> {
-        let mut req = self
-            .http
-            .request(method.clone(), url)
-            .headers(headers.clone());
+        let http = self.http.load_full();
+        let mut req = http.request(method.clone(), url).headers(headers.clone());
         if let Some(a) = authorization {
             req = req.header(header::AUTHORIZATION, a.clone());
         }

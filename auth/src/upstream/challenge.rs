@@ -80,7 +80,9 @@ mod tests {
     #[test]
     fn bearer_preferred_and_case_insensitive() {
         let c = parse_challenge(r#"Basic realm="x", bearer realm="https://a/t""#).unwrap();
-        assert!(matches!(c, Challenge::Bearer { ref realm, service: None, scope: None } if realm == "https://a/t"));
+        assert!(
+            matches!(c, Challenge::Bearer { ref realm, service: None, scope: None } if realm == "https://a/t")
+        );
     }
 
     #[test]

@@ -73,7 +73,7 @@ struct BearerRealm {
 
 /// Upstream authentication state shared by every request of the proxy.
 pub struct UpstreamAuth {
-    http: reqwest::Client,
+    http: ArcSwap<reqwest::Client>,
     /// `host[:port]` of the upstream registry: credentials may go to a realm on the same
     /// host even over plain HTTP (lab and air-gapped registries).
     upstream_host: String,
@@ -106,7 +106,7 @@ impl UpstreamAuth {
     /// strips `Authorization` on cross-host redirects).
     pub fn new(http: reqwest::Client, upstream_host: &str, creds: Option<Credentials>) -> Self {
         Self {
-            http,
+            http: ArcSwap::from_pointee(http),
             upstream_host: upstream_host.to_ascii_lowercase(),
             creds: ArcSwap::from_pointee(creds),
             bearer: ArcSwapOption::empty(),
@@ -129,6 +129,11 @@ impl UpstreamAuth {
     pub fn set_credentials(&self, creds: Option<Credentials>) {
         self.creds.store(Arc::new(creds));
         self.tokens.invalidate_all();
+    }
+
+    /// Replaces the HTTP client used for realm requests (a reloaded upstream CA).
+    pub fn set_client(&self, http: reqwest::Client) {
+        self.http.store(Arc::new(http));
     }
 
     /// Whether credentials are configured.
@@ -262,7 +267,9 @@ impl UpstreamAuth {
             observer(result.is_ok(), started.elapsed());
         }
         match &result {
-            Ok(t) => tracing::debug!(realm = %strip_query(&key.realm), scope = ?key.scope, ttl_s = t.ttl.as_secs(), "fetched upstream token"),
+            Ok(t) => {
+                tracing::debug!(realm = %strip_query(&key.realm), scope = ?key.scope, ttl_s = t.ttl.as_secs(), "fetched upstream token")
+            }
             Err(e) => tracing::warn!(error = %e, scope = ?key.scope, "upstream token fetch failed"),
         }
         result
@@ -277,8 +284,8 @@ impl UpstreamAuth {
         if let Some(scope) = &key.scope {
             query.push(("scope", scope));
         }
-        let mut req = self
-            .http
+        let http = self.http.load_full();
+        let mut req = http
             .get(&key.realm)
             .query(&query)
             .timeout(TOKEN_REQUEST_TIMEOUT);
@@ -345,7 +352,10 @@ mod tests {
         let a = auth("registry.example.com");
         assert!(a.check_realm("https://auth.example.org/token").is_ok());
         assert!(a.check_realm("http://registry.example.com/token").is_ok());
-        assert!(a.check_realm("http://registry.example.com:5003/token").is_ok());
+        assert!(
+            a.check_realm("http://registry.example.com:5003/token")
+                .is_ok()
+        );
         assert!(a.check_realm("http://evil.example.org/token").is_err());
         assert!(a.check_realm("ftp://registry.example.com/token").is_err());
         assert!(a.check_realm("not a url").is_err());
