@@ -72,7 +72,8 @@ impl Inner {
                     evicted += self.drop_manifest(&hex).await?;
                 }
                 Kind::Blob => {
-                    if self.index.is_pinned(&hex) {
+                    // A re-fill of the same digest would rename a fresh file onto this path.
+                    if self.index.is_pinned(&hex) || self.inflight.contains_key(&hex) {
                         continue;
                     }
                     evicted += self.evict_referrers(&hex).await?;

@@ -34,7 +34,7 @@ pub(crate) struct Progress {
     file: Option<Arc<File>>,
     /// Whole-blob length once the upstream announced it.
     total: Option<u64>,
-    /// Bytes durably in the spool (written, not necessarily synced): readers may read `..written`.
+    /// Bytes written to the spool (not yet synced): readers may read `..written`.
     written: u64,
     /// Terminal state: `Ok` only after the digest matched (and, when persisting, the commit).
     done: Option<Result<(), FillError>>,
@@ -253,7 +253,10 @@ pub(crate) async fn run(guard: InFlightGuard, source: Arc<dyn BlobSource>) {
     match &res {
         Ok(()) => tracing::debug!(digest = %shared.digest, "fill complete"),
         Err(e @ FillError::DigestMismatch { .. }) => {
-            inner.stats.digest_mismatches.fetch_add(1, Ordering::Relaxed);
+            inner
+                .stats
+                .digest_mismatches
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(digest = %shared.digest, error = %e, "fill discarded");
         }
         Err(e) => tracing::warn!(digest = %shared.digest, error = %e, "fill failed"),

@@ -156,7 +156,10 @@ impl Index {
 
     pub(crate) fn insert_manifest(&self, hex: Hex, entry: ManifestEntry) {
         for r in &entry.references {
-            self.referrers.entry(r.clone()).or_default().insert(hex.clone());
+            self.referrers
+                .entry(r.clone())
+                .or_default()
+                .insert(hex.clone());
         }
         let size = entry.size;
         if let Some(old) = self.manifests.insert(hex, Arc::new(entry)) {

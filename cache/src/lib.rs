@@ -379,10 +379,7 @@ impl Cache {
     /// runtime.
     pub fn fill(&self, digest: &Digest, source: Arc<dyn BlobSource>) -> Fill {
         let Ok(hex) = Hex::from_digest(digest) else {
-            return Fill::failed(
-                digest.clone(),
-                FillError::InvalidDigest(digest.to_string()),
-            );
+            return Fill::failed(digest.clone(), FillError::InvalidDigest(digest.to_string()));
         };
         if self.inner.shutdown.is_cancelled() {
             return Fill::failed(digest.clone(), FillError::ShuttingDown);
@@ -421,7 +418,9 @@ impl Cache {
         };
         let read = inner.store.read(key.clone()).await?;
         match read {
-            Some((bytes, _)) if bytes.len() as u64 == entry.size && sha256_hex(&bytes) == hex.as_str() => {
+            Some((bytes, _))
+                if bytes.len() as u64 == entry.size && sha256_hex(&bytes) == hex.as_str() =>
+            {
                 inner.touch(key, &entry.access);
                 Ok(Some(CachedManifest {
                     bytes,
@@ -451,7 +450,10 @@ impl Cache {
         let inner = &self.inner;
         let actual = sha256_hex(&bytes);
         if actual != hex.as_str() {
-            inner.stats.digest_mismatches.fetch_add(1, Ordering::Relaxed);
+            inner
+                .stats
+                .digest_mismatches
+                .fetch_add(1, Ordering::Relaxed);
             return Err(CacheError::DigestMismatch {
                 expected: hex.to_string(),
                 actual,

@@ -147,7 +147,17 @@ mod tests {
         for good in ["latest", "v1.2.3", "_x", "A-b_c.d", &"a".repeat(128)] {
             assert!(valid_tag(good), "{good}");
         }
-        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "-x", "a b", &"a".repeat(129)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            ".hidden",
+            "-x",
+            "a b",
+            &"a".repeat(129),
+        ] {
             assert!(!valid_tag(bad), "{bad}");
         }
     }

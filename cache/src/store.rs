@@ -113,7 +113,12 @@ pub trait BlobStore: Send + Sync + 'static {
     fn put_temp(&self) -> io::Result<Spool>;
     /// Makes a fully written and verified spool visible as `key`, durably (fsync + rename for the
     /// filesystem store, upload for an object store).
-    fn commit(&self, spool: Spool, key: ObjectKey, meta: ObjectMeta) -> BoxFuture<'static, io::Result<()>>;
+    fn commit(
+        &self,
+        spool: Spool,
+        key: ObjectKey,
+        meta: ObjectMeta,
+    ) -> BoxFuture<'static, io::Result<()>>;
     /// Opens a committed object; `None` if absent.
     fn open(&self, key: ObjectKey) -> BoxFuture<'static, io::Result<Option<Arc<dyn StoredBlob>>>>;
     /// Reads a small committed object (a manifest) with its metadata; `None` if absent.
@@ -148,7 +153,11 @@ where
     T: Send + 'static,
     F: FnOnce() -> io::Result<T> + Send + 'static,
 {
-    Box::pin(async move { tokio::task::spawn_blocking(f).await.map_err(io::Error::other)? })
+    Box::pin(async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(io::Error::other)?
+    })
 }
 
 fn not_found_ok(r: io::Result<()>) -> io::Result<()> {
@@ -295,7 +304,12 @@ impl BlobStore for FsStore {
         })
     }
 
-    fn commit(&self, spool: Spool, key: ObjectKey, meta: ObjectMeta) -> BoxFuture<'static, io::Result<()>> {
+    fn commit(
+        &self,
+        spool: Spool,
+        key: ObjectKey,
+        meta: ObjectMeta,
+    ) -> BoxFuture<'static, io::Result<()>> {
         let this = self.clone();
         blocking(move || this.commit_blocking(spool, &key, &meta))
     }

@@ -42,7 +42,9 @@ fn set_mtime(path: &std::path::Path, ago: Duration) {
 async fn manifests_are_verified_and_served_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let h = open(cfg(dir.path())).await;
-    let m = Bytes::from_static(br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#);
+    let m = Bytes::from_static(
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#,
+    );
     let d = digest_of(&m);
     let wrong = digest_of(b"other");
     let err = h
@@ -55,7 +57,10 @@ async fn manifests_are_verified_and_served_exactly() {
     assert!(h.cache.manifest(&wrong).await.unwrap().is_none());
 
     let mt = "application/vnd.oci.image.manifest.v1+json";
-    h.cache.put_manifest(&d, mt, m.clone(), vec![]).await.unwrap();
+    h.cache
+        .put_manifest(&d, mt, m.clone(), vec![])
+        .await
+        .unwrap();
     let got = h.cache.manifest(&d).await.unwrap().unwrap();
     assert_eq!((got.bytes, got.media_type.as_str()), (m.clone(), mt));
 
@@ -81,10 +86,21 @@ async fn tags_roundtrip_survive_restart_and_reject_bad_names() {
             .put_tag("library/alpine", "3.20", &d, "application/json")
             .await
             .unwrap();
-        let rec = h.cache.tag("library/alpine", "3.20").await.unwrap().unwrap();
+        let rec = h
+            .cache
+            .tag("library/alpine", "3.20")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(rec.digest, d);
         assert!(rec.checked_at >= before);
-        assert!(h.cache.tag("library/alpine", "3.21").await.unwrap().is_none());
+        assert!(
+            h.cache
+                .tag("library/alpine", "3.21")
+                .await
+                .unwrap()
+                .is_none()
+        );
         for bad in ["../x", "..", "a/b", "", ".x"] {
             assert!(matches!(
                 h.cache.put_tag("r", bad, &d, "m").await,
@@ -92,13 +108,21 @@ async fn tags_roundtrip_survive_restart_and_reject_bad_names() {
             ));
         }
         // A traversal-looking repo is only ever hashed.
-        h.cache.put_tag("../../../etc", "passwd", &d, "m").await.unwrap();
+        h.cache
+            .put_tag("../../../etc", "passwd", &d, "m")
+            .await
+            .unwrap();
         h.stop().await;
     }
     assert_eq!(files_in(dir.path()), ["blobs", "manifests", "tags", "tmp"]);
     let h = open(cfg(dir.path())).await;
     assert_eq!(h.cache.stats().tag_entries, 2);
-    let rec = h.cache.tag("../../../etc", "passwd").await.unwrap().unwrap();
+    let rec = h
+        .cache
+        .tag("../../../etc", "passwd")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.media_type, "m");
     h.stop().await;
 }
@@ -114,27 +138,53 @@ async fn restart_sweeps_temp_and_drops_truncated_or_foreign_files() {
         da = put_blob(&h.cache, &a).await;
         db = put_blob(&h.cache, &b).await;
         dm = digest_of(&m);
-        h.cache.put_manifest(&dm, "t", m.clone(), vec![da.clone()]).await.unwrap();
+        h.cache
+            .put_manifest(&dm, "t", m.clone(), vec![da.clone()])
+            .await
+            .unwrap();
         h.stop().await;
     }
     // Simulated crash debris and damage.
     std::fs::write(dir.path().join("tmp/.tmpSPOOL"), b"partial").unwrap();
     std::fs::write(dir.path().join("blobs/sha256/not-a-digest"), b"junk").unwrap();
-    std::fs::write(dir.path().join("blobs/sha256").join(format!("{}.meta", "ab".repeat(32))), b"{}").unwrap();
-    File::options().write(true).open(blob_path(dir.path(), &da)).unwrap().set_len(10_000).unwrap();
+    std::fs::write(
+        dir.path()
+            .join("blobs/sha256")
+            .join(format!("{}.meta", "ab".repeat(32))),
+        b"{}",
+    )
+    .unwrap();
+    File::options()
+        .write(true)
+        .open(blob_path(dir.path(), &da))
+        .unwrap()
+        .set_len(10_000)
+        .unwrap();
     let mpath = dir.path().join("manifests/sha256").join(dm.digest());
     std::fs::write(&mpath, b"{\"m\"").unwrap();
 
     let h = open(cfg(dir.path())).await;
     assert!(files_in(&dir.path().join("tmp")).is_empty());
-    assert!(h.cache.blob(&da).await.unwrap().is_none(), "truncated blob never served");
-    assert!(h.cache.manifest(&dm).await.unwrap().is_none(), "truncated manifest never served");
+    assert!(
+        h.cache.blob(&da).await.unwrap().is_none(),
+        "truncated blob never served"
+    );
+    assert!(
+        h.cache.manifest(&dm).await.unwrap().is_none(),
+        "truncated manifest never served"
+    );
     let hit = h.cache.blob(&db).await.unwrap().unwrap();
     assert_eq!(collect(hit.reader(0, u64::MAX)).await.unwrap(), b);
     let left = files_in(&dir.path().join("blobs/sha256"));
-    assert_eq!(left, [db.digest().to_string(), format!("{}.meta", db.digest())]);
+    assert_eq!(
+        left,
+        [db.digest().to_string(), format!("{}.meta", db.digest())]
+    );
     let s = h.cache.stats();
-    assert_eq!((s.blob_entries, s.manifest_entries, s.size_bytes), (1, 0, 40_000));
+    assert_eq!(
+        (s.blob_entries, s.manifest_entries, s.size_bytes),
+        (1, 0, 40_000)
+    );
     h.stop().await;
 }
 
@@ -146,7 +196,12 @@ async fn corruption_is_detected_at_serve_time_and_on_deep_verify() {
     let da = put_blob(&h.cache, &a).await;
     let db = put_blob(&h.cache, &b).await;
     // Truncated under a running cache: the size check catches it.
-    File::options().write(true).open(blob_path(dir.path(), &da)).unwrap().set_len(5).unwrap();
+    File::options()
+        .write(true)
+        .open(blob_path(dir.path(), &da))
+        .unwrap()
+        .set_len(5)
+        .unwrap();
     assert!(h.cache.blob(&da).await.unwrap().is_none());
     assert!(!blob_path(dir.path(), &da).exists());
     // Same length, flipped byte: only the deep check catches it.
@@ -183,7 +238,11 @@ async fn eviction_is_lru_down_to_the_low_watermark() {
         ds.push(put_blob(&h.cache, &data(20_000 + i)).await);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(h.cache.stats().evictions_total, 0, "below the high watermark");
+    assert_eq!(
+        h.cache.stats().evictions_total,
+        0,
+        "below the high watermark"
+    );
     drop(h.cache.blob(&ds[0]).await.unwrap().unwrap()); // A is now recent
     tokio::time::sleep(Duration::from_millis(5)).await;
     ds.push(put_blob(&h.cache, &data(20_004)).await); // 100 KB > 90 KB
@@ -210,11 +269,16 @@ async fn eviction_never_takes_pinned_or_in_flight_blobs() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     let slow = data(40 * 1024);
     let d_slow = digest_of(&slow);
-    let fill = h.cache.fill(&d_slow, Arc::new(Fake::new(slow.clone()).slow(4096, 10)));
+    let fill = h
+        .cache
+        .fill(&d_slow, Arc::new(Fake::new(slow.clone()).slow(4096, 10)));
     let d_other = put_blob(&h.cache, &data(35_000)).await;
     let d_last = put_blob(&h.cache, &data(36_000)).await; // 101 KB committed > 90 KB
     h.cache.evict().await.unwrap();
-    assert!(h.cache.blob(&d_other).await.unwrap().is_none(), "unpinned LRU evicted");
+    assert!(
+        h.cache.blob(&d_other).await.unwrap().is_none(),
+        "unpinned LRU evicted"
+    );
     assert!(blob_path(dir.path(), &d_old).exists(), "pinned blob kept");
     let mut got = Vec::new();
     while let Some(c) = reader.next().await {
@@ -224,7 +288,10 @@ async fn eviction_never_takes_pinned_or_in_flight_blobs() {
     drop((reader, hit));
     assert_eq!(collect(fill.reader(0, u64::MAX)).await.unwrap(), slow);
     fill.wait().await.unwrap();
-    assert!(blob_path(dir.path(), &d_slow).exists(), "in-flight fill committed");
+    assert!(
+        blob_path(dir.path(), &d_slow).exists(),
+        "in-flight fill committed"
+    );
     drop(fill);
     let _ = d_last;
     // Once unpinned, the old blob is evictable.
@@ -242,21 +309,39 @@ async fn manifests_and_tags_go_before_the_blobs_they_reference() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     let man = Bytes::from(format!(r#"{{"layers":["{layer}"]}}"#));
     let dman = digest_of(&man);
-    h.cache.put_manifest(&dman, "m", man, vec![layer.clone()]).await.unwrap();
+    h.cache
+        .put_manifest(&dman, "m", man, vec![layer.clone()])
+        .await
+        .unwrap();
     let idx = Bytes::from(format!(r#"{{"manifests":["{dman}"]}}"#));
     let didx = digest_of(&idx);
-    h.cache.put_manifest(&didx, "i", idx, vec![dman.clone()]).await.unwrap();
+    h.cache
+        .put_manifest(&didx, "i", idx, vec![dman.clone()])
+        .await
+        .unwrap();
     h.cache.put_tag("app", "v1", &didx, "i").await.unwrap();
-    h.cache.put_tag("app", "v1-amd64", &dman, "m").await.unwrap();
+    h.cache
+        .put_tag("app", "v1-amd64", &dman, "m")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
     // Keep the manifests recent, so only the layer's age selects it.
     assert!(h.cache.manifest(&dman).await.unwrap().is_some());
     let keep = put_blob(&h.cache, &data(30_000)).await;
     let keep2 = put_blob(&h.cache, &data(25_000)).await; // > 90 KB
     h.cache.evict().await.unwrap();
-    assert!(h.cache.blob(&layer).await.unwrap().is_none(), "LRU layer evicted");
-    assert!(h.cache.manifest(&dman).await.unwrap().is_none(), "its manifest first");
-    assert!(h.cache.manifest(&didx).await.unwrap().is_none(), "and the index above it");
+    assert!(
+        h.cache.blob(&layer).await.unwrap().is_none(),
+        "LRU layer evicted"
+    );
+    assert!(
+        h.cache.manifest(&dman).await.unwrap().is_none(),
+        "its manifest first"
+    );
+    assert!(
+        h.cache.manifest(&didx).await.unwrap().is_none(),
+        "and the index above it"
+    );
     assert!(h.cache.tag("app", "v1").await.unwrap().is_none());
     assert!(h.cache.tag("app", "v1-amd64").await.unwrap().is_none());
     assert!(files_in(&dir.path().join("manifests/sha256")).is_empty());

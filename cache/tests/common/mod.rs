@@ -1,11 +1,7 @@
 //! Fake upstreams and helpers shared by the cache tests.
 #![allow(dead_code, unreachable_pub)]
 
-use std::{
-    path::Path,
-    sync::Mutex,
-    time::Duration,
-};
+use std::{path::Path, sync::Mutex, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{StreamExt, future::BoxFuture, stream};
@@ -151,7 +147,9 @@ pub fn data(n: usize) -> Bytes {
 
 pub fn digest_of(b: &[u8]) -> Digest {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b);
-    format!("sha256:{}", hex::encode(d.as_ref())).parse().unwrap()
+    format!("sha256:{}", hex::encode(d.as_ref()))
+        .parse()
+        .unwrap()
 }
 
 pub struct Harness {
