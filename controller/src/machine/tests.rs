@@ -1,0 +1,629 @@
+use super::*;
+use crate::config::{CheckMode, Scheme};
+
+fn up(host: &str, path: &str, pw: &str) -> UpstreamParams {
+    UpstreamParams {
+        host: host.into(),
+        path: path.into(),
+        scheme: Scheme::Https,
+        username: Some("license-token".into()),
+        password: Some(pw.into()),
+        ca: None,
+        check_mode: CheckMode::Default,
+    }
+}
+
+fn node(name: &str, v: Option<&str>) -> NodeObs {
+    NodeObs {
+        name: name.into(),
+        containerd_label: Some("default".into()),
+        version: v.map(Into::into),
+    }
+}
+
+fn world(target: Target) -> Observed {
+    let unmanaged = up("registry.deckhouse.io", "deckhouse/ce", "old");
+    Observed {
+        now: "t1".into(),
+        generation: 3,
+        target: Ok(target),
+        prev: StateDoc::default(),
+        actual: Some((Mode::Unmanaged, unmanaged.clone())),
+        checker: None,
+        checker_version: Some("cv".into()),
+        nodes: vec![node("m1", None), node("w1", None)],
+        bashible_exists: false,
+        deployment: None,
+        expected_proxy_version: Some("pv".into()),
+        probe: None,
+        deckhouse_registry: Some(RegistryAccess::for_unmanaged(&unmanaged)),
+        deckhouse_pod: Some(DeckhousePodObs {
+            checksum: Some(RegistryAccess::for_unmanaged(&unmanaged).checksum()),
+            ready: true,
+        }),
+        ca_pem: "CA".into(),
+    }
+}
+
+/// Plays bashible, kube-controller-manager and deckhouse: applies a plan's effects to the world.
+fn simulate(o: &mut Observed, plan: &Plan) {
+    o.prev = plan.state.clone();
+    if let Some(b) = &plan.bashible {
+        o.bashible_exists = true;
+        for n in &mut o.nodes {
+            n.version = Some(b.version.clone());
+        }
+    }
+    if plan.apply_proxy {
+        o.deployment = Some(DeploymentObs {
+            version: o.expected_proxy_version.clone(),
+            generation: 1,
+            observed_generation: 1,
+            spec_replicas: 1,
+            replicas: 1,
+            updated: 1,
+            available: 1,
+        });
+        o.probe = Some(ProbeOutcome::Ok);
+    }
+    if plan.delete_proxy {
+        o.deployment = None;
+        o.probe = None;
+    }
+    if let Some(d) = &plan.deckhouse_registry {
+        o.deckhouse_registry = Some(d.clone());
+        o.deckhouse_pod = Some(DeckhousePodObs {
+            checksum: Some(d.checksum()),
+            ready: true,
+        });
+    }
+    if let Some(a) = &plan.record_actual {
+        o.actual = Some(a.clone());
+    }
+    o.now = format!("t{}", o.now[1..].parse::<u32>().unwrap() + 1);
+}
+
+fn run_until_ready(o: &mut Observed, max: usize) -> (Plan, Vec<Vec<String>>) {
+    let mut trace = Vec::new();
+    for _ in 0..max {
+        let plan = step(o);
+        trace.push(
+            plan.state
+                .conditions
+                .0
+                .iter()
+                .map(|c| format!("{}={}", c.type_, c.status))
+                .collect(),
+        );
+        if plan.ready() {
+            return (plan, trace);
+        }
+        simulate(o, &plan);
+    }
+    panic!("not ready after {max} steps: {trace:#?}");
+}
+
+fn set_checker_ok(o: &mut Observed) {
+    o.checker = Some(CheckerObs {
+        version: "cv".into(),
+        ready: true,
+        message: "Mode: Default\nregistry.deckhouse.io: all 3 items are checked".into(),
+    });
+}
+
+#[test]
+fn unmanaged_to_direct_ends_in_documented_list() {
+    let p = up("registry.deckhouse.io", "deckhouse/ee", "key");
+    let mut o = world(Target::Direct(p.clone()));
+    let first = step(&o);
+    assert_eq!(
+        first.state.conditions.types(),
+        [types::REGISTRY_CONTAINS_REQUIRED_IMAGES, types::READY]
+    );
+    let c = first
+        .state
+        .conditions
+        .get(types::REGISTRY_CONTAINS_REQUIRED_IMAGES)
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
+        ("False", "Processing", "Initializing")
+    );
+    let r = first.state.conditions.get(types::READY).unwrap();
+    assert_eq!(r.message, "Transitioning to Direct");
+    assert_eq!(r.observed_generation, 3);
+    set_checker_ok(&mut o);
+    let (plan, _trace) = run_until_ready(&mut o, 20);
+    assert_eq!(
+        plan.state.conditions.types(),
+        [
+            types::REGISTRY_CONTAINS_REQUIRED_IMAGES,
+            types::CONTAINERD_CONFIG_PREFLIGHT_READY,
+            types::TRANSITION_CONTAINERD_CONFIG_READY,
+            types::IN_CLUSTER_PROXY_READY,
+            types::DECKHOUSE_REGISTRY_SWITCH_READY,
+            types::FINAL_CONTAINERD_CONFIG_READY,
+            types::READY,
+        ]
+    );
+    for c in &plan.state.conditions.0 {
+        assert_eq!(c.status, "True");
+        if c.type_ == types::REGISTRY_CONTAINS_REQUIRED_IMAGES {
+            assert_eq!(c.reason, "Ready");
+            assert!(c.message.contains("all 3 items are checked"));
+        } else {
+            assert_eq!(
+                (c.reason.as_str(), c.message.as_str()),
+                ("", ""),
+                "{}",
+                c.type_
+            );
+        }
+    }
+    assert_eq!(plan.state.mode, "Direct");
+    assert_eq!(plan.state.target_mode, "Direct");
+    assert_eq!(plan.state.registry_service, "incluster-proxy");
+    assert_eq!(plan.record_actual, Some((Mode::Direct, p)));
+    // Steady state: another pass changes nothing and keeps every lastTransitionTime.
+    simulate(&mut o, &plan);
+    let again = step(&o);
+    assert_eq!(again.state.conditions, plan.state.conditions);
+    assert!(again.bashible.is_none() && again.deckhouse_registry.is_none());
+}
+
+#[test]
+fn pipeline_waits_in_order_with_documented_messages() {
+    let p = up("registry.deckhouse.io", "deckhouse/ee", "key");
+    let mut o = world(Target::Direct(p.clone()));
+    set_checker_ok(&mut o);
+    // Transition: nodes not converged.
+    let plan = step(&o);
+    let t = plan
+        .state
+        .conditions
+        .get(types::TRANSITION_CONTAINERD_CONFIG_READY)
+        .unwrap();
+    assert!(
+        t.message.starts_with(
+            "Applying configuration to nodes\n0/2 node(s) ready. Waiting:\n- m1: \"\" → \""
+        ),
+        "{}",
+        t.message
+    );
+    let b = plan.bashible.clone().unwrap();
+    assert_eq!(
+        b.hosts.len(),
+        2,
+        "old and new host directories during transition"
+    );
+    simulate(&mut o, &plan);
+    // Proxy: not deployed yet.
+    o.deployment = None;
+    let mut plan = step(&o);
+    assert!(plan.apply_proxy);
+    assert_eq!(
+        plan.state
+            .conditions
+            .get(types::IN_CLUSTER_PROXY_READY)
+            .unwrap()
+            .message,
+        "Deploying incluster-proxy..."
+    );
+    o.deployment = Some(DeploymentObs {
+        version: Some("old".into()),
+        generation: 2,
+        observed_generation: 1,
+        spec_replicas: 3,
+        ..Default::default()
+    });
+    plan = step(&o);
+    assert_eq!(
+        plan.state
+            .conditions
+            .get(types::IN_CLUSTER_PROXY_READY)
+            .unwrap()
+            .message,
+        "Incluster-proxy deployment version mismatch: current old, expected pv."
+    );
+    o.deployment.as_mut().unwrap().version = Some("pv".into());
+    plan = step(&o);
+    assert_eq!(
+        plan.state
+            .conditions
+            .get(types::IN_CLUSTER_PROXY_READY)
+            .unwrap()
+            .message,
+        "Incluster-proxy deploying in progress: waiting for deployment spec update to be observed."
+    );
+    o.deployment = Some(DeploymentObs {
+        version: Some("pv".into()),
+        generation: 2,
+        observed_generation: 2,
+        spec_replicas: 3,
+        replicas: 4,
+        updated: 3,
+        available: 2,
+    });
+    plan = step(&o);
+    assert!(
+        plan.state
+            .conditions
+            .get(types::IN_CLUSTER_PROXY_READY)
+            .unwrap()
+            .message
+            .contains("1 old replicas are pending termination")
+    );
+    o.deployment.as_mut().unwrap().replicas = 3;
+    plan = step(&o);
+    assert!(
+        plan.state
+            .conditions
+            .get(types::IN_CLUSTER_PROXY_READY)
+            .unwrap()
+            .message
+            .contains("2 of 3 updated replicas are available")
+    );
+    o.deployment.as_mut().unwrap().available = 3;
+    o.probe = Some(ProbeOutcome::Failed {
+        outcome: "auth".into(),
+        detail: "upstream refused the credentials (401)".into(),
+    });
+    plan = step(&o);
+    assert_eq!(
+        plan.state
+            .conditions
+            .get(types::IN_CLUSTER_PROXY_READY)
+            .unwrap()
+            .message,
+        "Incluster-proxy probe through the Service failed: auth: upstream refused the credentials (401)."
+    );
+    assert_eq!(
+        plan.service,
+        ServiceAction::Keep,
+        "Service only after the proxy is ready"
+    );
+    o.probe = Some(ProbeOutcome::Ok);
+    plan = step(&o);
+    assert_eq!(plan.service, ServiceAction::Apply);
+    assert_eq!(
+        plan.deckhouse_registry,
+        Some(RegistryAccess::for_direct(&p, "CA"))
+    );
+    assert_eq!(
+        plan.state
+            .conditions
+            .get(types::DECKHOUSE_REGISTRY_SWITCH_READY)
+            .unwrap()
+            .message,
+        "Updating registry for deckhouse components"
+    );
+    o.deckhouse_registry = plan.deckhouse_registry.clone();
+    o.deckhouse_pod = None;
+    assert_eq!(
+        step(&o)
+            .state
+            .conditions
+            .get(types::DECKHOUSE_REGISTRY_SWITCH_READY)
+            .unwrap()
+            .message,
+        "Waiting for deckhouse-controller pod"
+    );
+    o.deckhouse_pod = Some(DeckhousePodObs {
+        checksum: Some("x".into()),
+        ready: true,
+    });
+    assert_eq!(
+        step(&o)
+            .state
+            .conditions
+            .get(types::DECKHOUSE_REGISTRY_SWITCH_READY)
+            .unwrap()
+            .message,
+        "Applying new registry to deckhouse-controller"
+    );
+    o.deckhouse_pod = Some(DeckhousePodObs {
+        checksum: Some(RegistryAccess::for_direct(&p, "CA").checksum()),
+        ready: false,
+    });
+    assert_eq!(
+        step(&o)
+            .state
+            .conditions
+            .get(types::DECKHOUSE_REGISTRY_SWITCH_READY)
+            .unwrap()
+            .message,
+        "Waiting for deckhouse-controller to become ready"
+    );
+}
+
+#[test]
+fn preflight_blocks_on_custom_nodes() {
+    let mut o = world(Target::Direct(up("r.example", "d/ee", "k")));
+    set_checker_ok(&mut o);
+    o.nodes[0].containerd_label = Some("custom".into());
+    o.nodes[1].containerd_label = None;
+    let plan = step(&o);
+    let c = plan
+        .state
+        .conditions
+        .get(types::CONTAINERD_CONFIG_PREFLIGHT_READY)
+        .unwrap();
+    assert_eq!(c.status, "False");
+    assert_eq!(
+        c.message,
+        "- m1: has custom toml merge containerd configuration\n- w1: unknown containerd configuration, waiting..."
+    );
+    assert!(
+        plan.bashible.is_none(),
+        "nothing written before preflight passes"
+    );
+    o.bashible_exists = true;
+    assert!(
+        step(&o)
+            .state
+            .conditions
+            .get(types::CONTAINERD_CONFIG_PREFLIGHT_READY)
+            .unwrap()
+            .is_true()
+    );
+}
+
+fn direct_world(p: &UpstreamParams) -> Observed {
+    let mut o = world(Target::Direct(p.clone()));
+    set_checker_ok(&mut o);
+    let (plan, _) = run_until_ready(&mut o, 20);
+    simulate(&mut o, &plan);
+    o
+}
+
+#[test]
+fn direct_rotation_reruns_pipeline_and_keeps_mode() {
+    let p = up("registry.deckhouse.io", "deckhouse/ee", "key1");
+    let mut o = direct_world(&p);
+    let rotated = up("registry.deckhouse.io", "deckhouse/ee", "key2");
+    o.target = Ok(Target::Direct(rotated.clone()));
+    o.checker_version = Some("cv2".into());
+    o.expected_proxy_version = Some("pv2".into());
+    let plan = step(&o);
+    assert_eq!(plan.state.mode, "Direct");
+    let c = plan
+        .state
+        .conditions
+        .get(types::REGISTRY_CONTAINS_REQUIRED_IMAGES)
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.message.as_str()),
+        ("False", "Initializing")
+    );
+    assert_eq!(
+        c.last_transition_time, o.now,
+        "flip updates lastTransitionTime"
+    );
+    // Conditions are not cleared (same target mode); stale True ones stay until re-evaluated.
+    assert!(
+        plan.state
+            .conditions
+            .get(types::FINAL_CONTAINERD_CONFIG_READY)
+            .is_some()
+    );
+    o.checker = Some(CheckerObs {
+        version: "cv2".into(),
+        ready: true,
+        message: "ok".into(),
+    });
+    let (plan, _) = run_until_ready(&mut o, 20);
+    assert_eq!(plan.record_actual, Some((Mode::Direct, rotated.clone())));
+    assert_eq!(
+        o.deckhouse_registry.as_ref().unwrap().credentials(),
+        Some(("license-token".into(), "key2".into()))
+    );
+}
+
+#[test]
+fn rotation_transition_config_has_one_mirror_per_endpoint() {
+    let a = up("registry.deckhouse.io", "deckhouse/ee", "key1");
+    let b = up("registry.deckhouse.io", "deckhouse/ee", "key2");
+    let t = BashibleConfig::transition(Mode::Direct, &a, Mode::Direct, &b);
+    let m = &t.hosts[crate::consts::REGISTRY_HOST].mirrors;
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].auth.as_ref().unwrap().password, "key2");
+    let c = up("mirror.example", "deckhouse/ee", "key3");
+    let t = BashibleConfig::transition(Mode::Direct, &a, Mode::Direct, &c);
+    let hosts: Vec<&str> = t.hosts[crate::consts::REGISTRY_HOST]
+        .mirrors
+        .iter()
+        .map(|m| m.host.as_str())
+        .collect();
+    assert_eq!(
+        hosts,
+        ["registry.deckhouse.io", "mirror.example"],
+        "old first during transition"
+    );
+}
+
+#[test]
+fn direct_to_unmanaged_cleans_up_proxy() {
+    let p = up("registry.deckhouse.io", "deckhouse/ee", "key");
+    let mut o = direct_world(&p);
+    let back = up("registry.deckhouse.io", "deckhouse/ee", "key");
+    o.target = Ok(Target::Unmanaged(Some(back.clone())));
+    o.checker_version = Some("cvu".into());
+    let first = step(&o);
+    assert_eq!(
+        first.state.conditions.types(),
+        [types::REGISTRY_CONTAINS_REQUIRED_IMAGES, types::READY],
+        "cleared on target change"
+    );
+    o.checker = Some(CheckerObs {
+        version: "cvu".into(),
+        ready: true,
+        message: "ok".into(),
+    });
+    let mut saw_stopping = false;
+    let mut done = None;
+    for _ in 0..20 {
+        let plan = step(&o);
+        if let Some(c) = plan.state.conditions.get(types::CLEANUP_IN_CLUSTER_PROXY)
+            && c.message == "Stopping incluster-proxy..."
+        {
+            saw_stopping = true;
+            assert!(plan.delete_proxy);
+            assert_eq!(plan.service, ServiceAction::Delete);
+        }
+        if plan.ready() {
+            done = Some(plan);
+            break;
+        }
+        simulate(&mut o, &plan);
+    }
+    let plan = done.expect("ready");
+    assert!(saw_stopping);
+    assert_eq!(
+        plan.state.conditions.types(),
+        [
+            types::REGISTRY_CONTAINS_REQUIRED_IMAGES,
+            types::CONTAINERD_CONFIG_PREFLIGHT_READY,
+            types::TRANSITION_CONTAINERD_CONFIG_READY,
+            types::DECKHOUSE_REGISTRY_SWITCH_READY,
+            types::FINAL_CONTAINERD_CONFIG_READY,
+            types::CLEANUP_IN_CLUSTER_PROXY,
+            types::READY,
+        ]
+    );
+    assert_eq!(plan.state.mode, "Unmanaged");
+    assert_eq!(plan.state.registry_service, "");
+    assert!(plan.delete_pki);
+    assert_eq!(
+        o.deckhouse_registry,
+        Some(RegistryAccess::for_unmanaged(&back))
+    );
+}
+
+#[test]
+fn forbidden_transitions() {
+    // Unmanaged parameter change without going through Direct.
+    let mut o = world(Target::Unmanaged(Some(up("mirror.example", "x", "p"))));
+    let plan = step(&o);
+    let e = plan
+        .state
+        .conditions
+        .get(types::ERR_TRANSITION_NOT_SUPPORTED)
+        .unwrap();
+    assert_eq!((e.status.as_str(), e.reason.as_str()), ("True", "Error"));
+    assert_eq!(
+        e.message,
+        "mode transition from Unmanaged to Unmanaged not supported"
+    );
+    assert!(plan.bashible.is_none() && plan.deckhouse_registry.is_none() && !plan.apply_proxy);
+    assert!(!plan.ready());
+    // Same params as live: fine, Ready.
+    o.target = Ok(Target::Unmanaged(Some(up(
+        "registry.deckhouse.io",
+        "deckhouse/ce",
+        "old",
+    ))));
+    let plan = step(&o);
+    assert!(plan.ready());
+    assert!(
+        plan.state
+            .conditions
+            .get(types::ERR_TRANSITION_NOT_SUPPORTED)
+            .is_none()
+    );
+    // Proxy / Local and Direct -> non-configurable Unmanaged.
+    for t in [Target::Proxy, Target::Local] {
+        o.target = Ok(t.clone());
+        let plan = step(&o);
+        assert_eq!(
+            plan.state
+                .conditions
+                .get(types::ERR_TRANSITION_NOT_SUPPORTED)
+                .unwrap()
+                .message,
+            format!(
+                "mode transition from Unmanaged to {} not supported",
+                t.mode()
+            )
+        );
+    }
+    let mut d = direct_world(&up("r.example", "d/ee", "k"));
+    d.target = Ok(Target::Unmanaged(None));
+    let plan = step(&d);
+    assert_eq!(
+        plan.state
+            .conditions
+            .get(types::ERR_TRANSITION_NOT_SUPPORTED)
+            .unwrap()
+            .message,
+        "mode transition from Direct to Unmanaged not supported"
+    );
+    assert_eq!(plan.state.mode, "Direct");
+    assert!(!plan.delete_proxy);
+}
+
+#[test]
+fn degraded_deployment_after_switch_flips_back() {
+    let p = up("registry.deckhouse.io", "deckhouse/ee", "key");
+    let mut o = direct_world(&p);
+    o.deployment.as_mut().unwrap().available = 0;
+    let plan = step(&o);
+    let c = plan
+        .state
+        .conditions
+        .get(types::IN_CLUSTER_PROXY_READY)
+        .unwrap();
+    assert_eq!(c.status, "False");
+    assert_eq!(
+        c.message,
+        "Incluster-proxy deploying in progress: 0 of 1 updated replicas are available."
+    );
+    assert_eq!(c.last_transition_time, o.now);
+    assert_eq!(plan.state.mode, "Direct", "mode stays Direct");
+    let r = plan.state.conditions.0.last().unwrap();
+    assert_eq!(
+        (r.type_.as_str(), r.status.as_str(), r.message.as_str()),
+        ("Ready", "False", "Transitioning to Direct")
+    );
+    // Probe failure after the switch also flips it.
+    o.deployment.as_mut().unwrap().available = 1;
+    o.probe = Some(ProbeOutcome::Failed {
+        outcome: "unreachable".into(),
+        detail: "connection refused".into(),
+    });
+    assert!(
+        !step(&o)
+            .state
+            .conditions
+            .get(types::IN_CLUSTER_PROXY_READY)
+            .unwrap()
+            .is_true()
+    );
+}
+
+#[test]
+fn invalid_settings_keep_state_and_warn() {
+    let p = up("registry.deckhouse.io", "deckhouse/ee", "key");
+    let mut o = direct_world(&p);
+    o.target = Err(ConfigError {
+        field: "spec.settings.registry.direct.imagesRepo".into(),
+        reason: "bad".into(),
+    });
+    let plan = step(&o);
+    assert_eq!(plan.state.mode, "Direct");
+    let r = plan.state.conditions.get(types::READY).unwrap();
+    assert_eq!((r.status.as_str(), r.reason.as_str()), ("False", "Error"));
+    assert!(r.message.contains("direct.imagesRepo: bad"));
+    assert!(plan.warning.is_some());
+    assert!(!plan.apply_proxy && !plan.delete_proxy && plan.bashible.is_none());
+}
+
+#[test]
+fn unknown_conditions_are_pruned() {
+    let mut o = world(Target::Unmanaged(None));
+    o.prev.target_mode = "Unmanaged".into();
+    o.prev
+        .conditions
+        .set_true("NodeServicesReadyLegacyX", 1, "t0");
+    let plan = step(&o);
+    assert_eq!(plan.state.conditions.types(), [types::READY]);
+}

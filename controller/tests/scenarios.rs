@@ -1,0 +1,550 @@
+//! Reconciler scenarios against the in-process fake API server and a fake registry.
+
+mod fake;
+
+use std::io::Write as _;
+
+use fake::{FakeApi, FakeRegistry};
+use k8s_openapi::api::core::v1::Secret;
+use registry_controller::conditions::types;
+use registry_controller::reconcile::{Reconciler, Settings};
+use registry_controller::render::{BashibleConfig, RegistryAccess};
+use registry_controller::state;
+use serde_json::{Value, json};
+
+const NS: &str = "api/v1/namespaces/d8-system";
+const MC: &str = "apis/deckhouse.io/v1alpha1/moduleconfigs/deckhouse";
+const DEPLOY: &str = "apis/apps/v1/namespaces/d8-system/deployments/registry-incluster-proxy";
+
+fn secret_path(name: &str) -> String {
+    format!("{NS}/secrets/{name}")
+}
+
+struct Env {
+    api: FakeApi,
+    reg: FakeRegistry,
+    rec: Reconciler,
+}
+
+fn module_config(generation: i64, registry: Value) -> Value {
+    json!({"apiVersion": "deckhouse.io/v1alpha1", "kind": "ModuleConfig",
+           "metadata": {"name": "deckhouse", "generation": generation},
+           "spec": {"version": 1, "settings": {"registry": registry}}})
+}
+
+fn direct(reg: &FakeRegistry, license: &str) -> Value {
+    json!({"mode": "Direct", "direct": {"imagesRepo": format!("{}/deckhouse/ee", reg.addr), "scheme": "HTTP", "license": license}})
+}
+
+async fn setup(node_labels: &[(&str, Option<&str>, bool)]) -> Env {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let api = FakeApi::default();
+    let url = api.start().await;
+    let reg = FakeRegistry::start("license-token", "good").await;
+    for (name, label, master) in node_labels {
+        let mut labels = serde_json::Map::new();
+        if let Some(l) = label {
+            labels.insert(
+                "node.deckhouse.io/containerd-config-registry".into(),
+                json!(l),
+            );
+        }
+        if *master {
+            labels.insert("node-role.kubernetes.io/control-plane".into(), json!(""));
+        }
+        api.put(
+            &format!("api/v1/nodes/{name}"),
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels, "annotations": {}}}),
+        );
+    }
+    api.put(
+        "apis/apps/v1/namespaces/d8-system/deployments/deckhouse",
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "deckhouse", "namespace": "d8-system"},
+               "spec": {"selector": {"matchLabels": {"app": "deckhouse"}}, "template": {"metadata": {"labels": {"app": "deckhouse"}},
+                 "spec": {"containers": [{"name": "deckhouse", "image": format!("{}/deckhouse/ce:v1.70.3", reg.addr)}]}}}}),
+    );
+    api.put(
+        &format!("{NS}/pods/deckhouse-abc"),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "deckhouse-abc", "namespace": "d8-system",
+               "labels": {"app": "deckhouse", "leader": "true"}, "annotations": {}},
+               "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    // Unmanaged start: deckhouse-registry points at the upstream itself.
+    let unmanaged = RegistryAccess {
+        address: reg.addr.clone(),
+        path: "/deckhouse/ee".into(),
+        scheme: "http".into(),
+        ca: String::new(),
+        dockerconfigjson: registry_controller::render::docker_config_json(
+            &reg.addr,
+            Some(("license-token", "good")),
+        ),
+    };
+    let s = unmanaged.to_secret().unwrap();
+    api.put(
+        &secret_path("deckhouse-registry"),
+        serde_json::to_value(&s).unwrap(),
+    );
+    api.put(MC, module_config(1, json!({"mode": "Unmanaged"})));
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let rec = Reconciler::new(
+        client,
+        Settings {
+            proxy_image: "registry-proxy:test".into(),
+            probe_url: format!("http://{}", reg.addr),
+            probe_reference: None,
+            stock_containerd: true,
+        },
+    );
+    Env { api, reg, rec }
+}
+
+fn read_secret(api: &FakeApi, name: &str) -> Option<Secret> {
+    api.get(&secret_path(name))
+        .map(|v| serde_json::from_value(v).unwrap())
+}
+
+/// Plays bashible (node annotations), kube-controller-manager (rollout status) and deckhouse
+/// (leader pod picks up deckhouse-registry).
+fn simulate(api: &FakeApi) {
+    if let Some(b) = read_secret(api, "registry-bashible-config") {
+        let v = BashibleConfig::from_secret(&b).unwrap().version;
+        for k in api
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with("api/v1/nodes/"))
+        {
+            api.update(&k, |n| {
+                n["metadata"]["annotations"]["registry.deckhouse.io/version"] = json!(v)
+            });
+        }
+    }
+    api.update(DEPLOY, |d| {
+        let r = d["spec"]["replicas"].as_i64().unwrap_or(1);
+        d["status"] = json!({"observedGeneration": d["metadata"]["generation"], "replicas": r,
+                             "updatedReplicas": r, "availableReplicas": r, "readyReplicas": r});
+    });
+    if let Some(dr) =
+        read_secret(api, "deckhouse-registry").and_then(|s| RegistryAccess::from_secret(&s))
+    {
+        api.update(&format!("{NS}/pods/deckhouse-abc"), |p| {
+            p["metadata"]["annotations"]["checksum/registry-version"] = json!(dr.checksum())
+        });
+    }
+}
+
+fn conditions(api: &FakeApi) -> Vec<(String, String, String, String)> {
+    let doc = state::from_secret(read_secret(api, "registry-state").as_ref()).unwrap();
+    doc.conditions
+        .0
+        .iter()
+        .map(|c| {
+            (
+                c.type_.clone(),
+                c.status.clone(),
+                c.reason.clone(),
+                c.message.clone(),
+            )
+        })
+        .collect()
+}
+
+async fn run_until_ready(env: &Env, max: usize) -> Vec<Vec<(String, String, String, String)>> {
+    let mut trace = Vec::new();
+    for _ in 0..max {
+        let out = env.rec.reconcile_once().await.unwrap();
+        trace.push(conditions(&env.api));
+        if out.plan.ready() {
+            return trace;
+        }
+        simulate(&env.api);
+    }
+    panic!("not ready: {trace:#?}");
+}
+
+async fn switch_to_direct(env: &Env) {
+    env.api.put(MC, module_config(2, direct(&env.reg, "good")));
+    run_until_ready(env, 20).await;
+    simulate(&env.api);
+}
+
+#[tokio::test]
+async fn unmanaged_to_direct_full_switch() {
+    let env = setup(&[
+        ("m1", Some("default"), true),
+        ("w1", Some("default"), false),
+    ])
+    .await;
+    // Steady Unmanaged first.
+    let out = env.rec.reconcile_once().await.unwrap();
+    assert!(out.plan.ready());
+    env.api.put(MC, module_config(2, direct(&env.reg, "good")));
+    let trace = run_until_ready(&env, 20).await;
+    let last = trace.last().unwrap();
+    let types: Vec<&str> = last.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            types::REGISTRY_CONTAINS_REQUIRED_IMAGES,
+            types::CONTAINERD_CONFIG_PREFLIGHT_READY,
+            types::TRANSITION_CONTAINERD_CONFIG_READY,
+            types::IN_CLUSTER_PROXY_READY,
+            types::DECKHOUSE_REGISTRY_SWITCH_READY,
+            types::FINAL_CONTAINERD_CONFIG_READY,
+            types::READY,
+        ]
+    );
+    assert_eq!(last[0].2, "Ready");
+    assert_eq!(
+        last[0].3,
+        format!("Mode: Default\n{}: all 1 items are checked", env.reg.addr)
+    );
+    assert!(
+        last[1..]
+            .iter()
+            .all(|c| c.1 == "True" && c.2.is_empty() && c.3.is_empty())
+    );
+    // The pipeline waited at each documented step along the way.
+    let waited: Vec<String> = trace
+        .iter()
+        .flatten()
+        .filter(|c| c.1 == "False")
+        .map(|c| c.3.clone())
+        .collect();
+    for m in [
+        "Deploying incluster-proxy...",
+        "Updating registry for deckhouse components",
+        "Transitioning to Direct",
+    ] {
+        assert!(
+            waited.iter().any(|w| w == m),
+            "never saw {m:?}: {waited:#?}"
+        );
+    }
+    assert!(
+        waited
+            .iter()
+            .any(|w| w.starts_with("Applying configuration to nodes\n0/2 node(s) ready."))
+    );
+
+    let st = read_secret(&env.api, "registry-state").unwrap();
+    let data = st.data.as_ref().unwrap();
+    assert_eq!(data["mode"].0, b"Direct");
+    assert_eq!(data["target_mode"].0, b"Direct");
+    assert_eq!(data["hash"].0.len(), 64);
+    for v in data.values() {
+        assert!(
+            !String::from_utf8_lossy(&v.0).contains("\"good\""),
+            "no plaintext license in registry-state"
+        );
+        assert!(!String::from_utf8_lossy(&v.0).contains("password: good"));
+    }
+    // Owned objects exist, labelled, with SSA field manager in the log.
+    for s in [
+        "registry-incluster-proxy-config",
+        "registry-pki",
+        "registry-bashible-config",
+        "registry-stock-containerd-hosts",
+    ] {
+        let sec = read_secret(&env.api, s).unwrap_or_else(|| panic!("{s}"));
+        assert_eq!(
+            sec.metadata.labels.unwrap()["app.kubernetes.io/managed-by"],
+            "registry-controller"
+        );
+    }
+    assert!(env.api.get(DEPLOY).is_some());
+    assert!(env.api.get(&format!("{NS}/services/registry")).is_some());
+    assert!(
+        env.api
+            .get(
+                "apis/policy/v1/namespaces/d8-system/poddisruptionbudgets/registry-incluster-proxy"
+            )
+            .is_some()
+    );
+    let dr =
+        RegistryAccess::from_secret(&read_secret(&env.api, "deckhouse-registry").unwrap()).unwrap();
+    assert_eq!(dr.address, "registry.d8-system.svc:5001");
+    assert!(dr.ca.contains("BEGIN CERTIFICATE"));
+    let stock = read_secret(&env.api, "registry-stock-containerd-hosts").unwrap();
+    let toml = String::from_utf8(stock.data.unwrap()["hosts.toml"].0.clone()).unwrap();
+    assert!(
+        toml.contains("[host.\"https://10.96.0.50:5001\"]"),
+        "{toml}"
+    );
+    let cfg = read_secret(&env.api, "registry-incluster-proxy-config").unwrap();
+    assert!(
+        cfg.metadata.annotations.unwrap()["registry.deckhouse.io/tls-sans"]
+            .ends_with(",10.96.0.50")
+    );
+    // A steady pass changes nothing but keeps Ready.
+    let before = conditions(&env.api);
+    let st1 = read_secret(&env.api, "registry-state").unwrap();
+    assert!(env.rec.reconcile_once().await.unwrap().plan.ready());
+    assert_eq!(conditions(&env.api), before);
+    let st2 = read_secret(&env.api, "registry-state").unwrap();
+    let ltt = |s: &Secret| {
+        state::from_secret(Some(s))
+            .unwrap()
+            .conditions
+            .0
+            .iter()
+            .map(|c| c.last_transition_time.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ltt(&st1), ltt(&st2));
+
+    // Fixture for docs/controller.md: the secret as kubectl would print it.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let yaml = serde_saphyr::to_string(&st2).unwrap();
+    std::fs::write(dir.join("registry-state-direct.yaml"), yaml).unwrap();
+}
+
+#[tokio::test]
+async fn direct_credential_rotation() {
+    let env = setup(&[("m1", Some("default"), true)]).await;
+    switch_to_direct(&env).await;
+    let old_version =
+        env.api.get(DEPLOY).unwrap()["metadata"]["annotations"]["registry.deckhouse.io/version"]
+            .clone();
+    env.reg.set_password("rotated");
+    env.api
+        .put(MC, module_config(3, direct(&env.reg, "rotated")));
+    let trace = run_until_ready(&env, 20).await;
+    assert!(
+        trace[0].iter().any(|c| c.1 == "False"
+            && (c.0 == types::REGISTRY_CONTAINS_REQUIRED_IMAGES
+                || c.0 == types::TRANSITION_CONTAINERD_CONFIG_READY)),
+        "rotation re-runs the pipeline: {:#?}",
+        trace[0]
+    );
+    let st = state::from_secret(read_secret(&env.api, "registry-state").as_ref()).unwrap();
+    assert_eq!(st.mode, "Direct");
+    let dr =
+        RegistryAccess::from_secret(&read_secret(&env.api, "deckhouse-registry").unwrap()).unwrap();
+    assert_eq!(
+        dr.credentials(),
+        Some(("license-token".into(), "rotated".into()))
+    );
+    let cfg = read_secret(&env.api, "registry-incluster-proxy-config").unwrap();
+    assert_eq!(cfg.data.unwrap()["license"].0, b"rotated");
+    let new_version =
+        env.api.get(DEPLOY).unwrap()["metadata"]["annotations"]["registry.deckhouse.io/version"]
+            .clone();
+    assert_ne!(old_version, new_version);
+    let bashible =
+        BashibleConfig::from_secret(&read_secret(&env.api, "registry-bashible-config").unwrap())
+            .unwrap();
+    let m = &bashible.hosts["registry.d8-system.svc:5001"].mirrors;
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].auth.as_ref().unwrap().password, "rotated");
+}
+
+#[tokio::test]
+async fn direct_to_unmanaged_cleans_up() {
+    let env = setup(&[("m1", Some("default"), true)]).await;
+    switch_to_direct(&env).await;
+    let back = json!({"mode": "Unmanaged", "unmanaged": {"imagesRepo": format!("{}/deckhouse/ee", env.reg.addr), "scheme": "HTTP", "license": "good"}});
+    env.api.put(MC, module_config(3, back));
+    let trace = run_until_ready(&env, 20).await;
+    let saw_stopping = trace
+        .iter()
+        .flatten()
+        .any(|c| c.0 == types::CLEANUP_IN_CLUSTER_PROXY && c.3 == "Stopping incluster-proxy...");
+    assert!(
+        saw_stopping
+            || trace
+                .last()
+                .unwrap()
+                .iter()
+                .any(|c| c.0 == types::CLEANUP_IN_CLUSTER_PROXY)
+    );
+    assert!(env.api.get(DEPLOY).is_none());
+    assert!(env.api.get(&format!("{NS}/services/registry")).is_none());
+    assert!(read_secret(&env.api, "registry-incluster-proxy-config").is_none());
+    assert!(read_secret(&env.api, "registry-pki").is_none());
+    let st = state::from_secret(read_secret(&env.api, "registry-state").as_ref()).unwrap();
+    assert_eq!(
+        (st.mode.as_str(), st.registry_service.as_str()),
+        ("Unmanaged", "")
+    );
+    let dr =
+        RegistryAccess::from_secret(&read_secret(&env.api, "deckhouse-registry").unwrap()).unwrap();
+    assert_eq!(dr.address, env.reg.addr);
+    assert_eq!(dr.path, "/deckhouse/ee");
+}
+
+#[tokio::test]
+async fn forbidden_transition_is_reported() {
+    let env = setup(&[("m1", Some("default"), true)]).await;
+    env.api.put(
+        MC,
+        module_config(
+            2,
+            json!({"mode": "Unmanaged", "unmanaged": {"imagesRepo": "other.example/x"}}),
+        ),
+    );
+    let out = env.rec.reconcile_once().await.unwrap();
+    assert!(!out.plan.ready());
+    let c = conditions(&env.api);
+    assert!(
+        c.contains(&(
+            types::ERR_TRANSITION_NOT_SUPPORTED.into(),
+            "True".into(),
+            "Error".into(),
+            "mode transition from Unmanaged to Unmanaged not supported".into()
+        )),
+        "{c:#?}"
+    );
+    assert!(
+        read_secret(&env.api, "registry-bashible-config").is_none(),
+        "nothing written"
+    );
+    // Invalid input: a condition and an Event, no error.
+    env.api.put(
+        MC,
+        module_config(
+            3,
+            json!({"mode": "Direct", "direct": {"imagesRepo": "no-path.example"}}),
+        ),
+    );
+    env.rec.reconcile_once().await.unwrap();
+    let c = conditions(&env.api);
+    let ready = c.iter().find(|c| c.0 == "Ready").unwrap();
+    assert_eq!((ready.1.as_str(), ready.2.as_str()), ("False", "Error"));
+    assert!(ready.3.contains("direct.imagesRepo"), "{ready:?}");
+    assert!(
+        env.api.keys().iter().any(|k| k.contains("/events/")),
+        "warning event recorded: {:?}",
+        env.api.keys()
+    );
+}
+
+#[tokio::test]
+async fn custom_containerd_config_blocks_preflight() {
+    let env = setup(&[("m1", Some("default"), true), ("w1", Some("custom"), false)]).await;
+    env.api.put(MC, module_config(2, direct(&env.reg, "good")));
+    for _ in 0..3 {
+        env.rec.reconcile_once().await.unwrap();
+        simulate(&env.api);
+    }
+    let c = conditions(&env.api);
+    let pre = c
+        .iter()
+        .find(|c| c.0 == types::CONTAINERD_CONFIG_PREFLIGHT_READY)
+        .unwrap();
+    assert_eq!(
+        (pre.1.as_str(), pre.2.as_str(), pre.3.as_str()),
+        (
+            "False",
+            "Processing",
+            "- w1: has custom toml merge containerd configuration"
+        )
+    );
+    assert!(read_secret(&env.api, "registry-bashible-config").is_none());
+    assert!(env.api.get(DEPLOY).is_none());
+    // Migrated node: the switch proceeds.
+    env.api.update("api/v1/nodes/w1", |n| {
+        n["metadata"]["labels"]["node.deckhouse.io/containerd-config-registry"] = json!("default")
+    });
+    run_until_ready(&env, 20).await;
+}
+
+#[tokio::test]
+async fn deployment_degrading_after_switch() {
+    let env = setup(&[("m1", Some("default"), true)]).await;
+    switch_to_direct(&env).await;
+    env.api
+        .update(DEPLOY, |d| d["status"]["availableReplicas"] = json!(0));
+    let out = env.rec.reconcile_once().await.unwrap();
+    assert!(!out.plan.ready());
+    let c = conditions(&env.api);
+    let p = c
+        .iter()
+        .find(|c| c.0 == types::IN_CLUSTER_PROXY_READY)
+        .unwrap();
+    assert_eq!(
+        p.3,
+        "Incluster-proxy deploying in progress: 0 of 1 updated replicas are available."
+    );
+    assert_eq!(c.last().unwrap().0, "Ready");
+    assert_eq!(c.last().unwrap().1, "False");
+    let st = state::from_secret(read_secret(&env.api, "registry-state").as_ref()).unwrap();
+    assert_eq!(st.mode, "Direct");
+    simulate(&env.api);
+    assert!(
+        env.rec.reconcile_once().await.unwrap().plan.ready(),
+        "recovers"
+    );
+}
+
+#[tokio::test]
+async fn bad_license_makes_incluster_proxy_not_ready() {
+    let env = setup(&[("m1", Some("default"), true)]).await;
+    switch_to_direct(&env).await;
+    // The license is revoked upstream: rollout is fine, only the active probe can tell.
+    env.reg.set_password("revoked-elsewhere");
+    let out = env.rec.reconcile_once().await.unwrap();
+    assert!(!out.plan.ready());
+    let c = conditions(&env.api);
+    let p = c
+        .iter()
+        .find(|c| c.0 == types::IN_CLUSTER_PROXY_READY)
+        .unwrap();
+    assert_eq!((p.1.as_str(), p.2.as_str()), ("False", "Processing"));
+    assert_eq!(
+        p.3,
+        "Incluster-proxy probe through the Service failed: auth: credentials refused by the token endpoint (401)."
+    );
+    // A fresh switch with a wrong license stops at the checker, which talks to the upstream.
+    let env2 = setup(&[("m1", Some("default"), true)]).await;
+    env2.api
+        .put(MC, module_config(2, direct(&env2.reg, "wrong")));
+    env2.rec.reconcile_once().await.unwrap();
+    let c = conditions(&env2.api);
+    let ch = c
+        .iter()
+        .find(|c| c.0 == types::REGISTRY_CONTAINS_REQUIRED_IMAGES)
+        .unwrap();
+    assert_eq!(ch.1, "False");
+    assert!(
+        ch.3.contains("1 items with errors:\n- source: deckhouse/containers/deckhouse"),
+        "{}",
+        ch.3
+    );
+    assert!(
+        ch.3.contains("error: auth: credentials refused"),
+        "{}",
+        ch.3
+    );
+}
+
+#[tokio::test]
+async fn real_cluster_read_only() {
+    let mut err = std::io::stderr();
+    if std::env::var_os("KUBECONFIG").is_none() {
+        // Written straight to stderr so that it shows without --nocapture.
+        let _ = writeln!(err, "SKIPPED real_cluster_read_only: KUBECONFIG is not set");
+        return;
+    }
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let client = kube::Client::try_default().await.expect("kubeconfig");
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), "d8-system");
+    let s = secrets
+        .get_opt("registry-state")
+        .await
+        .expect("API reachable");
+    let mcs: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(
+        client,
+        &registry_controller::reconcile::module_config_resource(),
+    );
+    let mc = mcs.get_opt("deckhouse").await;
+    let _ = writeln!(
+        err,
+        "real cluster: registry-state present: {}, ModuleConfig read: {}",
+        s.is_some(),
+        mc.is_ok()
+    );
+    if let Some(s) = s {
+        state::status_output(&s).expect("registry-state readable by the status command");
+    }
+}
