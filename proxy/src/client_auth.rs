@@ -97,12 +97,14 @@ pub fn build(config: &Config, metrics: Arc<Metrics>) -> Result<Edge, Error> {
     })
 }
 
-/// The host part of the realm. The `Host` header is client input: only a plain
-/// `host[:port]` is echoed back, anything else falls back to the fixed address.
-fn realm_host(headers: &HeaderMap) -> String {
+/// The host part of the realm: the `Host` header (HTTP/1.1) or the `:authority`
+/// (HTTP/2). Both are client input, so only a plain `host[:port]` is echoed back;
+/// anything else falls back to the fixed address.
+fn realm_host(headers: &HeaderMap, authority: Option<&str>) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
+        .or(authority)
         .unwrap_or_default();
     let ok = !host.is_empty()
         && host.len() <= 255
@@ -121,6 +123,7 @@ impl Edge {
     pub async fn check(
         &self,
         headers: &HeaderMap,
+        authority: Option<&str>,
         repository: Option<&str>,
     ) -> Result<(), ApiError> {
         if self.auth.is_open() {
@@ -143,7 +146,11 @@ impl Edge {
                     _ => "invalid_credentials",
                 };
                 self.metrics.client_auth.with_label_values(&[result]).inc();
-                let realm = format!("{}://{}/auth/token", self.scheme, realm_host(headers));
+                let realm = format!(
+                    "{}://{}/auth/token",
+                    self.scheme,
+                    realm_host(headers, authority)
+                );
                 let challenge = bearer_challenge(&realm, self.auth.service(), repository);
                 let value = HeaderValue::from_str(&challenge)
                     .unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"/auth/token\""));

@@ -57,7 +57,11 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::new());
     let upstream = upstream::Upstream::new(&config, metrics.clone())?;
     let tasks = tokio_util::task::TaskTracker::new();
-    let cache = open_cache(&config, tasks.clone(), shutdown.clone()).await?;
+    // Background work (fills, probe, reload) stops only after the listeners have
+    // drained: a fill feeding an in-flight response must outlive the shutdown signal.
+    let background = CancellationToken::new();
+    let _stop_background = background.clone().drop_guard();
+    let (cache, _spool) = open_cache(&config, tasks.clone(), background.clone()).await?;
     if let Some(layer) = &cache {
         let c = layer.cache().clone();
         metrics.set_stats_source(Box::new(move || c.stats()));
@@ -70,27 +74,42 @@ pub async fn run(
         config.args.probe_reference.clone(),
         config.args.probe_interval,
         metrics.clone(),
-        shutdown.clone(),
+        background.clone(),
     ));
     let edge = client_auth::build(&config, metrics.clone())?;
-    let state = routes::AppState {
-        edge: edge.clone(),
-        upstream: upstream.clone(),
-        alias: path::Alias::new(&config.alias, &config.upstream.path),
-        metrics: metrics.clone(),
-        cache,
-    };
-    let tls = match (&config.args.tls_cert, &config.args.tls_key) {
+    let (tls, cert) = match (&config.args.tls_cert, &config.args.tls_key) {
         (Some(cert), Some(key)) => {
             let ck = tls::load_certified_key(cert, key).map_err(Error::Tls)?;
             metrics
                 .cert_expiry
                 .set(tls::leaf_not_after(&ck).unwrap_or(0));
             let reloadable = Arc::new(tls::ReloadableCert::new(ck));
-            let server_config = tls::server_config(reloadable).map_err(Error::Tls)?;
-            Some(tokio_rustls::TlsAcceptor::from(Arc::new(server_config)))
+            let server_config = tls::server_config(reloadable.clone()).map_err(Error::Tls)?;
+            (
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(server_config))),
+                Some(reloadable),
+            )
         }
-        _ => None,
+        _ => (None, None),
+    };
+    client_auth::spawn_reloader(
+        &config,
+        client_auth::Reloadables {
+            edge: Some(edge.clone()),
+            upstream: upstream.clone(),
+            cert,
+            metrics: metrics.clone(),
+        },
+        config.args.reload_interval,
+        &tasks,
+        background.clone(),
+    );
+    let state = routes::AppState {
+        edge,
+        upstream,
+        alias: path::Alias::new(&config.alias, &config.upstream.path),
+        metrics: metrics.clone(),
+        cache,
     };
     let ready = ops::Readiness::default();
     let app = routes::app(state).layer(axum::middleware::from_fn_with_state(
@@ -128,13 +147,13 @@ pub async fn run(
     if let Some(t) = ops_task {
         let _ = t.await;
     }
-    // Fills and prefetches stop on the (already cancelled) shutdown token.
+    background.cancel();
     tasks.close();
     if tokio::time::timeout(std::time::Duration::from_secs(5), tasks.wait())
         .await
         .is_err()
     {
-        tracing::warn!("background cache tasks did not stop within 5s");
+        tracing::warn!("background tasks did not stop within 5s");
     }
     result.map_err(Error::Io)
 }
@@ -146,14 +165,28 @@ async fn open_cache(
     config: &Config,
     tasks: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
-) -> Result<Option<cached::CacheLayer>, Error> {
+) -> Result<(Option<cached::CacheLayer>, Option<tempfile::TempDir>), Error> {
     let persistent = config.args.cache_dir.is_some() && !config.args.no_cache;
+    // A private directory per process (and per in-process proxy in tests), removed when
+    // the proxy stops.
+    let mut spool = None;
     let dir = match (&config.args.cache_dir, persistent) {
         (Some(d), true) => d.clone(),
         (Some(d), false) => d.join("spool"),
-        (None, _) => {
-            std::env::temp_dir().join(format!("registry-proxy-spool-{}", std::process::id()))
-        }
+        (None, _) => match tempfile::Builder::new()
+            .prefix("registry-proxy-spool-")
+            .tempdir()
+        {
+            Ok(t) => {
+                let p = t.path().to_path_buf();
+                spool = Some(t);
+                p
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no spool directory; serving without request coalescing");
+                return Ok((None, None));
+            }
+        },
     };
     let cfg = registry_cache::CacheConfig {
         dir: dir.clone(),
@@ -164,18 +197,19 @@ async fn open_cache(
     match registry_cache::Cache::open(cfg, tasks.clone(), shutdown).await {
         Ok(cache) => {
             tracing::info!(dir = %dir.display(), persistent, "cache ready");
-            Ok(Some(cached::CacheLayer::new(
+            let layer = cached::CacheLayer::new(
                 cache,
                 persistent,
                 config.args.tag_freshness,
                 config.args.prefetch_layers,
                 tasks,
-            )))
+            );
+            Ok((Some(layer), spool))
         }
         Err(e) if persistent => Err(Error::Cache(e.to_string())),
         Err(e) => {
             tracing::warn!(error = %e, dir = %dir.display(), "no spool directory; serving without request coalescing");
-            Ok(None)
+            Ok((None, spool))
         }
     }
 }

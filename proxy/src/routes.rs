@@ -104,15 +104,21 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
         .strip_prefix("/v2")
         .map(|r| r.strip_prefix('/').unwrap_or(r))
         .unwrap_or_default();
+    let method = req.method.clone();
+    // Read-only: every write (uploads, mounts, deletes) is refused before its path is
+    // even parsed, so upload URLs get 405 rather than a parse error.
+    if method != Method::GET && method != Method::HEAD {
+        return Err(("write", ApiError::unsupported_method()));
+    }
     let route = path::parse(rest).map_err(|e| ("invalid", e))?;
     let label = route.template();
-    let method = req.method.clone();
-    if method != Method::GET && method != Method::HEAD {
-        return Err((label, ApiError::unsupported_method()));
-    }
     state
         .edge
-        .check(&req.headers, route.name())
+        .check(
+            &req.headers,
+            req.uri.authority().map(http::uri::Authority::as_str),
+            route.name(),
+        )
         .await
         .map_err(|e| (label, e))?;
     if route == Route::Base {

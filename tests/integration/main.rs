@@ -1,0 +1,19 @@
+//! Integration tests: `registry_proxy::run` in-process against the harness's fake upstream.
+//!
+//! One binary, one module per scenario. `harness` checks the fake upstream itself (without
+//! the proxy) so a failure elsewhere points at the proxy, not at the test double.
+
+mod alias;
+mod auth;
+mod cache;
+mod config;
+mod errors;
+mod harness;
+mod metrics;
+mod ops;
+mod routes;
+mod shutdown;
+mod streaming;
+mod upstream_auth;
+mod validation;
+mod writes;
