@@ -7,8 +7,10 @@ use futures_util::{StreamExt, stream};
 
 use crate::{BlobStream, CacheError, store::read_at};
 
-/// Largest chunk a reader holds in memory.
-pub const CHUNK: u64 = 64 * 1024;
+/// Largest chunk a reader holds in memory. Each chunk is one positional read on the
+/// blocking pool: 256 KiB keeps that overhead small on hits (a 200 MiB blob is 800 reads)
+/// while 16 concurrent readers still hold only a few MiB.
+pub const CHUNK: u64 = 256 * 1024;
 
 /// Streams `start..stop` of `file`.
 pub(crate) fn file_range(file: Arc<File>, start: u64, stop: u64) -> BlobStream {

@@ -104,12 +104,21 @@ impl BlobSource for UpstreamBlob {
             {
                 headers.insert(header::RANGE, v);
             }
+            // A failure of the first request goes straight back to the client (which
+            // retries on its own); only a resume mid-blob is worth retrying here.
+            let classify = |e: ApiError| {
+                if offset == 0 {
+                    SourceError::fatal(e)
+                } else {
+                    source_error(e)
+                }
+            };
             let resp = upstream
                 .send(Method::GET, &path, &headers, Some(&scope))
                 .await
-                .map_err(source_error)?;
+                .map_err(classify)?;
             if let Some(e) = routes::upstream_error(&resp, "BLOB_UNKNOWN") {
-                return Err(source_error(e));
+                return Err(classify(e));
             }
             let status = resp.status();
             let total_len = match (offset, status) {
@@ -129,10 +138,12 @@ impl BlobSource for UpstreamBlob {
                     return Err(SourceError::fatal(ApiError::upstream_status(s.as_u16())));
                 }
             };
+            let timer = crate::upstream::BodyTimer::new(&metrics, &resp);
             let body = resp
                 .bytes_stream()
                 .map(move |r| match r {
                     Ok(chunk) => {
+                        let _timer = &timer;
                         metrics.upstream_bytes.inc_by(chunk.len() as u64);
                         Ok(chunk)
                     }
@@ -270,12 +281,9 @@ fn blob_response(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     if !head && len > 0 {
-        let metrics = metrics.clone();
+        let served = metrics.bytes_served.with_label_values(&[source]);
         let stream = reader(start, end).map_ok(move |chunk: Bytes| {
-            metrics
-                .bytes_served
-                .with_label_values(&[source])
-                .inc_by(chunk.len() as u64);
+            served.inc_by(chunk.len() as u64);
             chunk
         });
         *resp.body_mut() = Body::from_stream(stream);

@@ -61,7 +61,7 @@ pub async fn run(
     // drained: a fill feeding an in-flight response must outlive the shutdown signal.
     let background = CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
-    let (cache, _spool) = open_cache(&config, tasks.clone(), background.clone()).await?;
+    let cache = open_cache(&config, tasks.clone(), background.clone()).await?;
     if let Some(layer) = &cache {
         let c = layer.cache().clone();
         metrics.set_stats_source(Box::new(move || c.stats()));
@@ -158,58 +158,37 @@ pub async fn run(
     result.map_err(Error::Io)
 }
 
-/// Opens the cache: persistent under `--cache-dir` unless `--no-cache`, otherwise an
-/// ephemeral spool (coalescing only) in a private temporary directory. If no spool
-/// directory can be created the proxy still works, as a plain pass-through.
+/// Opens the persistent cache under `--cache-dir`. Without it, or with `--no-cache`, the
+/// proxy streams straight from the upstream like Deckhouse's `nocache: true`: spooling
+/// to disk only to coalesce identical concurrent GETs cost about two thirds of the
+/// single-stream throughput on a 2-core node (docs/bench.md), which is not cheap.
 async fn open_cache(
     config: &Config,
     tasks: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
-) -> Result<(Option<cached::CacheLayer>, Option<tempfile::TempDir>), Error> {
-    let persistent = config.args.cache_dir.is_some() && !config.args.no_cache;
-    // A private directory per process (and per in-process proxy in tests), removed when
-    // the proxy stops.
-    let mut spool = None;
-    let dir = match (&config.args.cache_dir, persistent) {
-        (Some(d), true) => d.clone(),
-        (Some(d), false) => d.join("spool"),
-        (None, _) => match tempfile::Builder::new()
-            .prefix("registry-proxy-spool-")
-            .tempdir()
-        {
-            Ok(t) => {
-                let p = t.path().to_path_buf();
-                spool = Some(t);
-                p
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "no spool directory; serving without request coalescing");
-                return Ok((None, None));
-            }
-        },
+) -> Result<Option<cached::CacheLayer>, Error> {
+    let dir = match (&config.args.cache_dir, config.args.no_cache) {
+        (Some(d), false) => d.clone(),
+        _ => {
+            tracing::info!("no cache: streaming every request from the upstream");
+            return Ok(None);
+        }
     };
     let cfg = registry_cache::CacheConfig {
         dir: dir.clone(),
         max_size: config.args.cache_max_size,
-        persist: persistent,
+        persist: true,
         ..registry_cache::CacheConfig::default()
     };
-    match registry_cache::Cache::open(cfg, tasks.clone(), shutdown).await {
-        Ok(cache) => {
-            tracing::info!(dir = %dir.display(), persistent, "cache ready");
-            let layer = cached::CacheLayer::new(
-                cache,
-                persistent,
-                config.args.tag_freshness,
-                config.args.prefetch_layers,
-                tasks,
-            );
-            Ok((Some(layer), spool))
-        }
-        Err(e) if persistent => Err(Error::Cache(e.to_string())),
-        Err(e) => {
-            tracing::warn!(error = %e, dir = %dir.display(), "no spool directory; serving without request coalescing");
-            Ok((None, spool))
-        }
-    }
+    let cache = registry_cache::Cache::open(cfg, tasks.clone(), shutdown)
+        .await
+        .map_err(|e| Error::Cache(e.to_string()))?;
+    tracing::info!(dir = %dir.display(), "cache ready");
+    Ok(Some(cached::CacheLayer::new(
+        cache,
+        true,
+        config.args.tag_freshness,
+        config.args.prefetch_layers,
+        tasks,
+    )))
 }

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     /// Time from sending an upstream request to its response headers.
     pub upstream_ttfb: HistogramVec,
+    /// Time from sending an upstream request to the end of its body.
+    pub upstream_duration: HistogramVec,
     /// Bytes received from the upstream in bodies we served or cached.
     pub upstream_bytes: IntCounter,
     /// Token fetches by result.
@@ -105,6 +107,14 @@ impl Metrics {
             HistogramOpts::new(
                 "registry_proxy_upstream_ttfb_seconds",
                 "Time from sending an upstream request to its response headers.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["method"],
+        );
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "registry_proxy_upstream_duration_seconds",
+                "Time from sending an upstream request to the end of its body.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["method"],
@@ -222,6 +232,7 @@ impl Metrics {
             in_flight: ok_or_unregistered(in_flight),
             upstream_requests: ok_or_unregistered(upstream_requests),
             upstream_ttfb: ok_or_unregistered(upstream_ttfb),
+            upstream_duration: ok_or_unregistered(upstream_duration),
             upstream_bytes: ok_or_unregistered(upstream_bytes),
             token_fetches: ok_or_unregistered(token_fetches),
             token_fetch_duration: ok_or_unregistered(token_fetch_duration),
@@ -238,8 +249,25 @@ impl Metrics {
         for o in crate::probe::OUTCOMES {
             m.probe_outcome.with_label_values(&[o]).set(0);
         }
+        // Every bounded label set exists from the first scrape, so rate() and increase()
+        // see the first event.
         for r in ["ok", "error"] {
             m.token_fetches.with_label_values(&[r]).inc_by(0);
+        }
+        for kind in ["blob", "manifest"] {
+            for result in ["hit", "miss", "coalesced", "stale", "bypass"] {
+                m.cache_results.with_label_values(&[kind, result]).inc_by(0);
+            }
+        }
+        for source in ["cache", "upstream"] {
+            m.bytes_served.with_label_values(&[source]).inc_by(0);
+        }
+        for file in ["credentials", "htpasswd", "token_key", "upstream_ca", "tls"] {
+            for result in ["ok", "error"] {
+                m.config_reloads
+                    .with_label_values(&[file, result])
+                    .inc_by(0);
+            }
         }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -254,6 +282,7 @@ impl Metrics {
             Box::new(self.in_flight.clone()),
             Box::new(self.upstream_requests.clone()),
             Box::new(self.upstream_ttfb.clone()),
+            Box::new(self.upstream_duration.clone()),
             Box::new(self.upstream_bytes.clone()),
             Box::new(self.token_fetches.clone()),
             Box::new(self.token_fetch_duration.clone()),
@@ -316,9 +345,10 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Records a cache lookup outcome.
+    /// Records a cache lookup outcome (also noted for the request's log line).
     pub fn cache(&self, kind: &'static str, result: &'static str) {
         self.cache_results.with_label_values(&[kind, result]).inc();
+        crate::observe::note_cache(result);
     }
 
     /// Registers the function read at every scrape for cache gauges and counters.

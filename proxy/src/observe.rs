@@ -21,6 +21,48 @@ use crate::routes::RouteLabel;
 
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// What the handler learned about one request, for its access log line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Notes {
+    /// Cache result (`hit`, `miss`, `coalesced`, `stale`, `bypass`).
+    pub cache: Option<&'static str>,
+    /// Status of the last upstream response (0 = transport error).
+    pub upstream_status: Option<u16>,
+}
+
+tokio::task_local! {
+    static NOTES: std::cell::Cell<Notes>;
+}
+
+/// Runs a handler with a fresh [`Notes`] slot and returns what it noted.
+pub async fn with_notes<F: std::future::Future>(f: F) -> (F::Output, Notes) {
+    NOTES
+        .scope(std::cell::Cell::new(Notes::default()), async move {
+            let out = f.await;
+            let notes = NOTES.try_with(std::cell::Cell::get).unwrap_or_default();
+            (out, notes)
+        })
+        .await
+}
+
+/// Records the cache result of the current request (no-op outside a request task).
+pub fn note_cache(result: &'static str) {
+    let _ = NOTES.try_with(|n| {
+        let mut v = n.get();
+        v.cache = Some(result);
+        n.set(v);
+    });
+}
+
+/// Records the status of an upstream response for the current request.
+pub fn note_upstream(status: u16) {
+    let _ = NOTES.try_with(|n| {
+        let mut v = n.get();
+        v.upstream_status = Some(status);
+        n.set(v);
+    });
+}
+
 /// Records metrics and the access log line for one request.
 struct Finish {
     metrics: Arc<Metrics>,
@@ -28,8 +70,12 @@ struct Finish {
     route: &'static str,
     status: u16,
     error: Option<ErrorInfo>,
+    notes: Notes,
     started: Instant,
     bytes: u64,
+    /// `Content-Length` of the response: hyper stops polling a sized body once that many
+    /// bytes went out, so reaching it is what "complete" means.
+    expected: Option<u64>,
     id: u64,
     complete: bool,
 }
@@ -47,7 +93,12 @@ impl Drop for Finish {
             .with_label_values(&[self.route])
             .observe(elapsed.as_secs_f64());
         self.metrics.in_flight.dec();
+        if self.expected == Some(self.bytes) {
+            self.complete = true;
+        }
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        let cache = self.notes.cache.unwrap_or("-");
+        let upstream_status = self.notes.upstream_status.map_or(-1, i32::from);
         match self.error {
             Some(e) => tracing::info!(
                 request_id = self.id,
@@ -56,6 +107,8 @@ impl Drop for Finish {
                 status = self.status,
                 bytes = self.bytes,
                 duration_ms,
+                cache,
+                upstream_status,
                 error_code = e.code,
                 error_origin = e.origin.as_str(),
                 "request"
@@ -67,6 +120,8 @@ impl Drop for Finish {
                 status = self.status,
                 bytes = self.bytes,
                 duration_ms,
+                cache,
+                upstream_status,
                 complete = self.complete,
                 "request"
             ),
@@ -134,14 +189,26 @@ pub async fn layer(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
         .get::<RouteLabel>()
         .map_or("other", |r| r.0);
     let error = resp.extensions().get::<ErrorInfo>().copied();
+    let notes = resp
+        .extensions()
+        .get::<Notes>()
+        .copied()
+        .unwrap_or_default();
+    let expected = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let finish = Finish {
         metrics,
         method,
         route,
         status: resp.status().as_u16(),
         error,
+        notes,
         started,
         bytes: 0,
+        expected,
         id,
         complete: head,
     };

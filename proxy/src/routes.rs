@@ -76,7 +76,8 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     // Only the head is needed; a body on a read request is ignored.
     let (parts, _body) = req.into_parts();
     let route_label;
-    let resp = match handle(&state, &parts).await {
+    let (handled, notes) = crate::observe::with_notes(handle(&state, &parts)).await;
+    let resp = match handled {
         Ok((label, resp)) => {
             route_label = label;
             resp
@@ -88,6 +89,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     };
     let mut resp = resp;
     resp.extensions_mut().insert(RouteLabel(route_label));
+    resp.extensions_mut().insert(notes);
     resp.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
@@ -142,13 +144,17 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
             (Some(c), Reference::Tag(t)) if c.is_persistent() => {
                 crate::cached::manifest_by_tag(state, c, &method, &remote, t, &scope).await
             }
-            _ => manifest(state, &method, &remote, reference, &req.headers, &scope).await,
+            _ => {
+                state.metrics.cache("manifest", "bypass");
+                manifest(state, &method, &remote, reference, &req.headers, &scope).await
+            }
         },
         Route::Blob { digest, .. } => match &state.cache {
             Some(c) => {
                 crate::cached::blob(state, c, &method, &remote, digest, &req.headers, &scope).await
             }
             None => {
+                state.metrics.cache("blob", "bypass");
                 let p = format!("{remote}/blobs/{digest}");
                 passthrough(state, &method, &p, &req.headers, &scope, "BLOB_UNKNOWN").await
             }
@@ -273,13 +279,14 @@ pub fn stream_upstream(
     *out.status_mut() = status;
     copy_headers(resp.headers(), out.headers_mut());
     if !head {
-        let metrics = metrics.clone();
+        // Resolve the label once, not per chunk.
+        let received = metrics.upstream_bytes.clone();
+        let served = metrics.bytes_served.with_label_values(&["upstream"]);
+        let timer = crate::upstream::BodyTimer::new(metrics, &resp);
         let stream = resp.bytes_stream().map_ok(move |chunk: Bytes| {
-            metrics.upstream_bytes.inc_by(chunk.len() as u64);
-            metrics
-                .bytes_served
-                .with_label_values(&["upstream"])
-                .inc_by(chunk.len() as u64);
+            let _timer = &timer;
+            received.inc_by(chunk.len() as u64);
+            served.inc_by(chunk.len() as u64);
             chunk
         });
         *out.body_mut() = Body::from_stream(stream);

@@ -159,9 +159,12 @@ impl Upstream {
         let result = req.send().await;
         let elapsed = started.elapsed();
         match result {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 self.metrics
                     .upstream_response(method, resp.status().as_u16(), elapsed);
+                crate::observe::note_upstream(resp.status().as_u16());
+                resp.extensions_mut()
+                    .insert(SentAt(started, method.clone()));
                 if let Some(rem) = resp
                     .headers()
                     .get("ratelimit-remaining")
@@ -175,8 +178,42 @@ impl Upstream {
             }
             Err(e) => {
                 self.metrics.upstream_response(method, 0, elapsed);
+                crate::observe::note_upstream(0);
                 Err(transport_error(&e))
             }
+        }
+    }
+}
+
+/// When an upstream request was sent, carried on its response.
+#[derive(Clone, Debug)]
+struct SentAt(std::time::Instant, Method);
+
+/// Observes `registry_proxy_upstream_duration_seconds` when an upstream body is done
+/// (fully read or dropped).
+#[derive(Debug)]
+pub struct BodyTimer {
+    metrics: Arc<Metrics>,
+    sent: Option<SentAt>,
+}
+
+impl BodyTimer {
+    /// Starts timing `resp`'s body from when its request was sent.
+    pub fn new(metrics: &Arc<Metrics>, resp: &reqwest::Response) -> Self {
+        Self {
+            metrics: metrics.clone(),
+            sent: resp.extensions().get::<SentAt>().cloned(),
+        }
+    }
+}
+
+impl Drop for BodyTimer {
+    fn drop(&mut self) {
+        if let Some(SentAt(at, method)) = &self.sent {
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[crate::metrics::method_label(method)])
+                .observe(at.elapsed().as_secs_f64());
         }
     }
 }
