@@ -8,6 +8,7 @@
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR
 # shellcheck source=lab.sh
 source "$HERE/lab.sh"
 

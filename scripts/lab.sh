@@ -15,11 +15,13 @@
 # Only 127.0.0.1 addresses are ever used. Test credentials below are lab-only.
 
 LAB_REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-LAB_LICENSE=LAB-LICENSE-KEY         # password of user license-token (Deckhouse license user)
+LAB_LICENSE="LAB-LICENSE-KEY"       # password of user license-token (Deckhouse license user)
 LAB_PUSH_CREDS=lab-pusher:lab-push-pass
 LAB_ISSUER=lab-issuer
 LAB_SERVICE=lab-registry
 LAB_PIDS=()
+# shellcheck disable=SC2034 # read by the sourcing scripts
+declare -A LAB_PID_OF=() # NAME -> PID of what lab_bg started
 LAB_KEEP=${LAB_KEEP:-0}
 
 lab_log() { printf '[lab %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -68,7 +70,8 @@ lab_bg() {
     "$@" >"$LAB/logs/$name.log" 2>&1 &
     local pid=$!
     LAB_PIDS+=("$pid")
-    eval "PID_${name//[^a-zA-Z0-9]/_}=$pid"
+    # shellcheck disable=SC2034 # read by the sourcing scripts
+    LAB_PID_OF[$name]=$pid
     lab_log "started $name (pid $pid): $*"
 }
 
@@ -287,7 +290,8 @@ lab_upstream_token() {
 
 # lab_start_proxy [EXTRA_ARGS...]: registry-proxy for imagesRepo $UP/deckhouse/ee, license user.
 # Sets PX (host:port) and PX_METRICS. LAB_PROXY_NAME (default proxy) names the log/PID,
-# LAB_PROXY_LICENSE overrides the license, LAB_PROXY_UPSTREAM the imagesRepo host:port.
+# LAB_PROXY_LICENSE overrides the license, LAB_PROXY_UPSTREAM the imagesRepo host:port,
+# LAB_PROXY_ENV adds VAR=value words to the proxy's environment.
 lab_start_proxy() {
     local p m name=${LAB_PROXY_NAME:-proxy}
     p=$(lab_free_port)
@@ -298,7 +302,9 @@ lab_start_proxy() {
     chmod 600 "$LAB/$name/license"
     PX=127.0.0.1:$p
     PX_METRICS=127.0.0.1:$m
-    lab_bg "$name" env RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1 "$PROXY_BIN" --listen "$PX" --metrics-listen "$PX_METRICS" \
+    local extra_env=()
+    read -r -a extra_env <<<"${LAB_PROXY_ENV:-}"
+    lab_bg "$name" env RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1 "${extra_env[@]}" "$PROXY_BIN" --listen "$PX" --metrics-listen "$PX_METRICS" \
         --images-repo "${LAB_PROXY_UPSTREAM:-$UP}/deckhouse/ee" --scheme HTTP --license-file "$LAB/$name/license" "$@"
     lab_wait_http "http://$PX/v2/" 30 || { tail -30 "$LAB/logs/$name.log" >&2; lab_die "registry-proxy ($name) did not start"; }
     lab_log "registry-proxy http://$PX (metrics http://$PX_METRICS)"

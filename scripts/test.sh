@@ -17,6 +17,8 @@ step "cargo clippy (workspace, all targets, -D warnings)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "unit, property and integration tests"
+# The kill -9 cache test runs the proxy binary as a child process.
+cargo build --quiet -p registry-proxy
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
   cargo test --workspace --doc --quiet
@@ -24,10 +26,12 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
-if [[ -f tests/ops/run.sh ]]; then
-  step "operator assets (promtool, dashboard)"
-  bash tests/ops/run.sh
-fi
+step "release build of the binaries the end-to-end tests run"
+cargo build --release --quiet -p registry-proxy -p registry-tests --bins
+export LAB_NO_BUILD=1
+
+step "operator assets (promtool rules and tests, metrics lint, real Prometheus)"
+bash tests/ops/run.sh
 
 step "end-to-end tests (docker-registry + token server, skopeo, containerd, podman)"
 bash tests/e2e/run.sh

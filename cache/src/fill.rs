@@ -204,9 +204,19 @@ impl Tail {
                 self.stop = Some(resolve(self.start, self.end_inclusive, len)?.1);
             }
             let want = self.stop.unwrap_or(self.end_inclusive.saturating_add(1));
-            if self.pos < want && written > self.pos {
+            // The reader's last byte is held back until the digest matched: the proxy
+            // sends Content-Length, and hyper ends a response as complete once that many
+            // bytes went out, so handing over the final byte of a blob that later fails
+            // verification would deliver corrupt content as a clean response.
+            let verified = matches!(done, Some(Ok(())));
+            let limit = if verified {
+                written.min(want)
+            } else {
+                written.min(want.saturating_sub(1))
+            };
+            if self.pos < limit {
                 let file = file.ok_or(FillError::Aborted)?;
-                let n = (written.min(want) - self.pos).min(CHUNK);
+                let n = (limit - self.pos).min(CHUNK);
                 let pos = self.pos;
                 let bytes = tokio::task::spawn_blocking(move || read_at(&file, pos, n as usize))
                     .await

@@ -166,6 +166,50 @@ async fn digest_mismatch_fails_every_reader_and_caches_nothing() {
     h.stop().await;
 }
 
+/// A reader never holds the complete byte count of a blob that has not verified yet: the
+/// proxy's response carries Content-Length, so a reader that had delivered every byte
+/// would end as a clean response even if the digest check failed an instant later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_byte_is_held_back_until_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    for corrupt in [true, false] {
+        let body = data(300_000 + usize::from(corrupt));
+        let d = digest_of(&body);
+        let mut fake = Fake::new(body.clone());
+        fake.corrupt = corrupt;
+        let fill = h.cache.fill(&d, Arc::new(fake));
+        // Full blob and a range ending before the last byte.
+        for (start, end) in [(0, u64::MAX), (10, 99)] {
+            let mut r = fill.reader(start, end);
+            let mut got = 0u64;
+            let mut err = false;
+            while let Some(item) = r.next().await {
+                match item {
+                    Ok(b) => got += b.len() as u64,
+                    Err(_) => err = true,
+                }
+            }
+            let want = if end == u64::MAX {
+                body.len() as u64
+            } else {
+                end - start + 1
+            };
+            if corrupt {
+                assert!(err, "a corrupt fill must end readers with an error");
+                assert!(
+                    got < want,
+                    "all {want} bytes were handed out before verification"
+                );
+            } else {
+                assert!(!err);
+                assert_eq!(got, want);
+            }
+        }
+    }
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_after_upstream_drop_is_seamless() {
     let dir = tempfile::tempdir().unwrap();

@@ -43,6 +43,11 @@ const HOST: &str = "registry.d8-system.svc";
 const ALICE: &str = "alice:$2y$04$RsWiLssXiumX7NiEOUUpiusAHQOQuwCJujyVX5VY/uVBUjBjqecGC\n";
 const BOB: &str = "bob:$2y$04$gAb1C2Nqs0KosUvsf1lrHu/g8.ZaMoRo8wb7Lqkb55/4uCT9kU.bq\n";
 const T: Duration = Duration::from_secs(20);
+/// `--credential-grace` in the reload tests, the time by which in-grace checks must have run,
+/// and when (after the swap) the window has surely closed (grace + reload interval + margin).
+const GRACE: &str = "5s";
+const IN_GRACE: Duration = Duration::from_secs(4);
+const AFTER_GRACE: Duration = Duration::from_millis(6500);
 
 // ------------------------------------------------------------------ helpers
 
@@ -264,6 +269,16 @@ fn pem(label: &str, der: &[u8]) -> String {
     }
     writeln!(out, "-----END {label}-----").unwrap();
     out
+}
+
+/// The in-grace checks ran early enough to prove something (the window opened at the reload,
+/// which happened after `swapped`).
+fn assert_in_grace(swapped: Instant) {
+    assert!(
+        swapped.elapsed() < IN_GRACE,
+        "in-grace checks ran {:?} after the swap; the 5 s window cannot be observed",
+        swapped.elapsed()
+    );
 }
 
 fn now() -> u64 {
@@ -1026,7 +1041,7 @@ async fn htpasswd_mode_and_reload() {
             "--htpasswd-file",
             &dir.arg("htpasswd"),
             "--credential-grace",
-            "3s",
+            GRACE,
             "--reload-interval",
             "100ms",
         ]),
@@ -1081,7 +1096,8 @@ async fn htpasswd_mode_and_reload() {
             .status(),
         200
     );
-    if swapped.elapsed() < Duration::from_millis(2500) {
+    assert_in_grace(swapped);
+    {
         assert_eq!(
             get(&c, &url, Some(&basic("alice", "alice-pass")))
                 .await
@@ -1091,7 +1107,7 @@ async fn htpasswd_mode_and_reload() {
         );
         assert_eq!(get(&c, &url, Some(&bearer(&t_alice))).await.status(), 200);
     }
-    tokio::time::sleep(Duration::from_millis(4000).saturating_sub(swapped.elapsed())).await;
+    tokio::time::sleep(AFTER_GRACE.saturating_sub(swapped.elapsed())).await;
     assert_401(
         get(&c, &url, Some(&basic("alice", "alice-pass"))).await,
         "alice after grace",
@@ -1136,7 +1152,7 @@ async fn license_rotation_keeps_old_credentials_for_the_grace_window() {
             "--license-file",
             &dir.arg("license"),
             "--credential-grace",
-            "3s",
+            GRACE,
             "--reload-interval",
             "100ms",
         ]),
@@ -1168,11 +1184,7 @@ async fn license_rotation_keeps_old_credentials_for_the_grace_window() {
     assert_eq!(get(&c, &url, Some(&bearer(&t_new))).await.status(), 200);
     // Inside the window: old password, old token and tokens newly issued for the old
     // password all work (clients without the new deckhouse-registry Secret keep pulling).
-    assert!(
-        swapped.elapsed() < Duration::from_millis(2500),
-        "machine too slow to observe the 3 s grace window ({:?})",
-        swapped.elapsed()
-    );
+    assert_in_grace(swapped);
     assert_eq!(
         get(&c, &url, Some(&basic(USER, LIC))).await.status(),
         200,
@@ -1187,7 +1199,7 @@ async fn license_rotation_keeps_old_credentials_for_the_grace_window() {
     assert_eq!(get(&c, &url, Some(&bearer(&t_old2))).await.status(), 200);
 
     // After it: only the new license.
-    tokio::time::sleep(Duration::from_millis(4000).saturating_sub(swapped.elapsed())).await;
+    tokio::time::sleep(AFTER_GRACE.saturating_sub(swapped.elapsed())).await;
     assert_401(
         get(&c, &url, Some(&basic(USER, LIC))).await,
         "old license after grace",
@@ -1246,7 +1258,7 @@ async fn token_key_reload_signs_with_the_new_key() {
             "--token-key-file",
             &dir.arg("token.key"),
             "--credential-grace",
-            "3s",
+            GRACE,
             "--reload-interval",
             "100ms",
         ]),
@@ -1293,14 +1305,15 @@ async fn token_key_reload_signs_with_the_new_key() {
             .status(),
         200
     );
-    if swapped.elapsed() < Duration::from_millis(2500) {
+    assert_in_grace(swapped);
+    {
         assert_eq!(
             get(&c, &url, Some(&bearer(&t1))).await.status(),
             200,
             "token of the replaced key refused inside the grace window"
         );
     }
-    tokio::time::sleep(Duration::from_millis(4000).saturating_sub(swapped.elapsed())).await;
+    tokio::time::sleep(AFTER_GRACE.saturating_sub(swapped.elapsed())).await;
     assert_401(
         get(&c, &url, Some(&bearer(&t1))).await,
         "old-key token after grace",

@@ -204,12 +204,24 @@ async fn concurrent_cold_gets_make_one_upstream_get_and_identical_bodies() {
     assert_eq!(up.requests("GET", &up_blob(&blob)), 1, "upstream GETs");
     assert_eq!(up.requests("HEAD", &up_blob(&blob)), 0, "upstream HEADs");
     let blob_kind = [("kind", "blob")];
-    let miss = metric(&px, "registry_proxy_cache_requests_total", &[blob_kind[0], ("result", "miss")]).await;
-    let joined =
-        metric(&px, "registry_proxy_cache_requests_total", &[blob_kind[0], ("result", "coalesced")]).await;
+    let miss = metric(
+        &px,
+        "registry_proxy_cache_requests_total",
+        &[blob_kind[0], ("result", "miss")],
+    )
+    .await;
+    let joined = metric(
+        &px,
+        "registry_proxy_cache_requests_total",
+        &[blob_kind[0], ("result", "coalesced")],
+    )
+    .await;
     assert_eq!((miss, joined), (1.0, 7.0), "miss/coalesced");
     settle(&px).await;
-    assert!(blob_file(dir.path(), &blob.digest).is_file(), "blob not committed");
+    assert!(
+        blob_file(dir.path(), &blob.digest).is_file(),
+        "blob not committed"
+    );
 }
 
 #[tokio::test]
@@ -228,11 +240,23 @@ async fn warm_get_and_head_make_no_upstream_requests() {
         assert_eq!(get_ok(&px, &client_blob(&blob)).await, blob.data);
         let h = c.head(px.url(&client_blob(&blob))).send().await.unwrap();
         assert_eq!(h.status(), 200);
-        assert_eq!(h.headers()[header::CONTENT_LENGTH], blob.size().to_string().as_str());
+        assert_eq!(
+            h.headers()[header::CONTENT_LENGTH],
+            blob.size().to_string().as_str()
+        );
         assert_eq!(h.headers()["docker-content-digest"], blob.digest.as_str());
     }
-    assert_eq!(up.repository_requests(), before, "warm GET/HEAD reached the upstream");
-    let hits = metric(&px, "registry_proxy_cache_requests_total", &[("kind", "blob"), ("result", "hit")]).await;
+    assert_eq!(
+        up.repository_requests(),
+        before,
+        "warm GET/HEAD reached the upstream"
+    );
+    let hits = metric(
+        &px,
+        "registry_proxy_cache_requests_total",
+        &[("kind", "blob"), ("result", "hit")],
+    )
+    .await;
     assert_eq!(hits, 6.0);
 }
 
@@ -257,9 +281,17 @@ async fn range_on_a_hit_and_on_an_in_flight_fill() {
         let c = c.clone();
         let url = px.url(&client_blob(&warm));
         async move {
-            let r = c.get(url).header(header::RANGE, format!("bytes={s}-{e}")).send().await.unwrap();
+            let r = c
+                .get(url)
+                .header(header::RANGE, format!("bytes={s}-{e}"))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 206);
-            assert_eq!(r.headers()[header::CONTENT_RANGE], format!("bytes {s}-{e}/{len}").as_str());
+            assert_eq!(
+                r.headers()[header::CONTENT_RANGE],
+                format!("bytes {s}-{e}/{len}").as_str()
+            );
             r.bytes().await.unwrap()
         }
     }))
@@ -284,7 +316,12 @@ async fn range_on_a_hit_and_on_an_in_flight_fill() {
     let started = Instant::now();
     let (head, tail) = tokio::join!(
         async {
-            let r = c.get(px.url(&client_blob(&cold))).header(header::RANGE, "bytes=0-9999").send().await.unwrap();
+            let r = c
+                .get(px.url(&client_blob(&cold)))
+                .header(header::RANGE, "bytes=0-9999")
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 206);
             (r.bytes().await.unwrap(), started.elapsed())
         },
@@ -305,11 +342,20 @@ async fn range_on_a_hit_and_on_an_in_flight_fill() {
     );
     assert_eq!(head.0, cold.data.slice(0..10_000));
     assert_eq!(tail.0, cold.data.slice(clen - 5000..));
-    assert!(head.1 < tail.1, "head range {:?} should not wait for the tail {:?}", head.1, tail.1);
+    assert!(
+        head.1 < tail.1,
+        "head range {:?} should not wait for the tail {:?}",
+        head.1,
+        tail.1
+    );
     assert_eq!(full.await.unwrap(), cold.data);
     let log = up.request_log();
     let cold_gets: Vec<_> = log.iter().filter(|r| r.path == up_blob(&cold)).collect();
-    assert_eq!(cold_gets.len(), 1, "in-flight ranges went upstream: {cold_gets:?}");
+    assert_eq!(
+        cold_gets.len(),
+        1,
+        "in-flight ranges went upstream: {cold_gets:?}"
+    );
     assert!(cold_gets[0].range.is_none());
 }
 
@@ -322,19 +368,29 @@ async fn client_disconnect_mid_body_does_not_cancel_the_fill() {
     let dir = TempDir::new().unwrap();
     let px = cached_proxy(up.proxy_args(), dir.path(), &[]).await;
 
-    let mut r = test_client().get(px.url(&client_blob(&blob))).send().await.unwrap();
+    let mut r = test_client()
+        .get(px.url(&client_blob(&blob)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let first = r.chunk().await.unwrap().expect("first chunk");
     assert!(!first.is_empty() && first.len() < blob.size());
     drop(r);
     let path = blob_file(dir.path(), &blob.digest);
-    wait_until(Duration::from_secs(10), "blob committed after the client left", || async {
-        path.is_file()
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "blob committed after the client left",
+        || async { path.is_file() },
+    )
     .await;
     let before = up.repository_requests();
     assert_eq!(get_ok(&px, &client_blob(&blob)).await, blob.data);
-    assert_eq!(up.repository_requests(), before, "later GET reached the upstream");
+    assert_eq!(
+        up.repository_requests(),
+        before,
+        "later GET reached the upstream"
+    );
     assert_eq!(up.requests("GET", &up_blob(&blob)), 1);
 }
 
@@ -348,13 +404,23 @@ async fn broken_upstream_body_resumes_with_range_and_client_sees_one_body() {
     let blob = Blob::random(1024 * 1024);
     up.push_blob(&blob);
     let cut = 300 * 1024;
-    up.on(Rule::exact(up_blob(&blob), Action::BreakAfter { after: cut }).method("GET").times(2));
+    up.on(
+        Rule::exact(up_blob(&blob), Action::BreakAfter { after: cut })
+            .method("GET")
+            .times(2),
+    );
     let dir = TempDir::new().unwrap();
     let px = cached_proxy(up.proxy_args(), dir.path(), &[]).await;
 
-    let r = test_client().get(px.url(&client_blob(&blob))).send().await.unwrap();
+    let r = test_client()
+        .get(px.url(&client_blob(&blob)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let body = read_body(r).await.expect("client body broke although the fill resumed");
+    let body = read_body(r)
+        .await
+        .expect("client body broke although the fill resumed");
     assert_eq!(sha256_digest(&body), blob.digest);
     let ranges: Vec<Option<String>> = up
         .request_log()
@@ -364,10 +430,17 @@ async fn broken_upstream_body_resumes_with_range_and_client_sees_one_body() {
         .collect();
     assert_eq!(
         ranges,
-        vec![None, Some(format!("bytes={cut}-")), Some(format!("bytes={}-", 2 * cut))],
+        vec![
+            None,
+            Some(format!("bytes={cut}-")),
+            Some(format!("bytes={}-", 2 * cut))
+        ],
         "upstream GETs"
     );
-    assert_eq!(metric(&px, "registry_proxy_cache_fill_resumes_total", &[]).await, 2.0);
+    assert_eq!(
+        metric(&px, "registry_proxy_cache_fill_resumes_total", &[]).await,
+        2.0
+    );
     settle(&px).await;
     assert!(blob_file(dir.path(), &blob.digest).is_file());
 }
@@ -377,7 +450,9 @@ async fn killed_upstream_mid_body_resumes_after_it_comes_back() {
     let up = FakeUpstream::start().await;
     let blob = Blob::random(1024 * 1024);
     up.push_blob(&blob);
-    up.on(Rule::exact(up_blob(&blob), slow(64 * 1024, 40)).method("GET").times(1));
+    up.on(Rule::exact(up_blob(&blob), slow(64 * 1024, 40))
+        .method("GET")
+        .times(1));
     let fwd = Forwarder::start(up.addr()).await;
     let dir = TempDir::new().unwrap();
     let args = vec![
@@ -388,13 +463,19 @@ async fn killed_upstream_mid_body_resumes_after_it_comes_back() {
     ];
     let px = cached_proxy(args, dir.path(), &[]).await;
 
-    let mut r = test_client().get(px.url(&client_blob(&blob))).send().await.unwrap();
+    let mut r = test_client()
+        .get(px.url(&client_blob(&blob)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let mut body = r.chunk().await.unwrap().expect("first chunk").to_vec();
     // Kill every upstream connection mid-body, then bring the upstream back on its port.
     fwd.kill();
     fwd.restart().await;
-    let rest = read_body(r).await.expect("client body broke although the upstream came back");
+    let rest = read_body(r)
+        .await
+        .expect("client body broke although the upstream came back");
     body.extend_from_slice(&rest);
     assert_eq!(sha256_digest(&body), blob.digest);
     let gets: Vec<_> = up
@@ -405,7 +486,10 @@ async fn killed_upstream_mid_body_resumes_after_it_comes_back() {
     assert!(gets.len() >= 2, "no resume: {gets:?}");
     assert!(gets[0].range.is_none());
     assert!(
-        gets[1..].iter().all(|g| g.range.as_deref().is_some_and(|r| r.starts_with("bytes=") && r != "bytes=0-")),
+        gets[1..].iter().all(|g| g
+            .range
+            .as_deref()
+            .is_some_and(|r| r.starts_with("bytes=") && r != "bytes=0-")),
         "resumes must ask for the rest: {gets:?}"
     );
     assert!(metric(&px, "registry_proxy_cache_fill_resumes_total", &[]).await >= 1.0);
@@ -420,11 +504,21 @@ async fn exhausted_resume_budget_aborts_the_client_and_caches_nothing() {
     let dir = TempDir::new().unwrap();
     let px = cached_proxy(up.proxy_args(), dir.path(), &[]).await;
 
-    let r = test_client().get(px.url(&client_blob(&blob))).send().await.unwrap();
+    let r = test_client()
+        .get(px.url(&client_blob(&blob)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()[header::CONTENT_LENGTH], blob.size().to_string().as_str());
+    assert_eq!(
+        r.headers()[header::CONTENT_LENGTH],
+        blob.size().to_string().as_str()
+    );
     match read_body(r).await {
-        Ok(b) => panic!("clean {}-byte body after the resume budget was spent", b.len()),
+        Ok(b) => panic!(
+            "clean {}-byte body after the resume budget was spent",
+            b.len()
+        ),
         Err((n, _)) => assert!(n < blob.size(), "got {n} bytes"),
     }
     // The first GET plus the default budget of 5 resumes.
@@ -433,7 +527,11 @@ async fn exhausted_resume_budget_aborts_the_client_and_caches_nothing() {
 
     up.clear_rules();
     assert_eq!(get_ok(&px, &client_blob(&blob)).await, blob.data);
-    assert_eq!(up.requests("GET", &up_blob(&blob)), 7, "next request must refetch");
+    assert_eq!(
+        up.requests("GET", &up_blob(&blob)),
+        7,
+        "next request must refetch"
+    );
 }
 
 #[tokio::test]
@@ -445,7 +543,9 @@ async fn corrupt_upstream_bytes_abort_clients_cache_nothing_and_refetch() {
     flipped[200_000] ^= 0xff;
     bad.data = Bytes::from(flipped);
     up.push_blob(&bad);
-    up.on(Rule::exact(up_blob(&good), slow(64 * 1024, 20)).method("GET").times(1));
+    up.on(Rule::exact(up_blob(&good), slow(64 * 1024, 20))
+        .method("GET")
+        .times(1));
     let dir = TempDir::new().unwrap();
     let px = cached_proxy(up.proxy_args(), dir.path(), &[]).await;
 
@@ -459,15 +559,28 @@ async fn corrupt_upstream_bytes_abort_clients_cache_nothing_and_refetch() {
     }))
     .await;
     for o in &outcomes {
-        assert!(o.is_err(), "a reader got a clean body of corrupt bytes: {o:?}");
+        assert!(
+            o.is_err(),
+            "a reader got a clean body of corrupt bytes: {o:?}"
+        );
     }
-    assert_eq!(metric(&px, "registry_proxy_cache_digest_mismatches_total", &[]).await, 1.0);
+    assert_eq!(
+        metric(&px, "registry_proxy_cache_digest_mismatches_total", &[]).await,
+        1.0
+    );
     assert_eq!(up.requests("GET", &up_blob(&good)), 1);
-    assert!(!blob_file(dir.path(), &good.digest).exists(), "corrupt blob cached");
+    assert!(
+        !blob_file(dir.path(), &good.digest).exists(),
+        "corrupt blob cached"
+    );
 
     up.push_blob(&good);
     assert_eq!(get_ok(&px, &client_blob(&good)).await, good.data);
-    assert_eq!(up.requests("GET", &up_blob(&good)), 2, "next request must refetch");
+    assert_eq!(
+        up.requests("GET", &up_blob(&good)),
+        2,
+        "next request must refetch"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -479,21 +592,36 @@ async fn kill_9_mid_fill_never_exposes_the_partial_and_refetches() {
     let up = FakeUpstream::start().await;
     let blob = Blob::random(2 * 1024 * 1024);
     up.push_blob(&blob);
-    up.on(Rule::exact(up_blob(&blob), slow(64 * 1024, 50)).method("GET").times(1));
+    up.on(Rule::exact(up_blob(&blob), slow(64 * 1024, 50))
+        .method("GET")
+        .times(1));
     let dir = TempDir::new().unwrap();
 
     let mut px = ProxyProcess::spawn(&up, dir.path()).await;
-    let mut r = test_client().get(px.url(&client_blob(&blob))).send().await.unwrap();
+    let mut r = test_client()
+        .get(px.url(&client_blob(&blob)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let mut got = 0;
     while got < 256 * 1024 {
         got += r.chunk().await.unwrap().expect("body").len();
     }
     px.kill9();
-    assert!(read_body(r).await.is_err(), "client body ended cleanly after kill -9");
-    assert!(!blob_file(dir.path(), &blob.digest).exists(), "partial visible as complete");
+    assert!(
+        read_body(r).await.is_err(),
+        "client body ended cleanly after kill -9"
+    );
+    assert!(
+        !blob_file(dir.path(), &blob.digest).exists(),
+        "partial visible as complete"
+    );
     let leftovers = files_under(&dir.path().join("tmp"));
-    assert!(!leftovers.is_empty(), "expected a spool in tmp/ after kill -9");
+    assert!(
+        !leftovers.is_empty(),
+        "expected a spool in tmp/ after kill -9"
+    );
 
     let px = ProxyProcess::spawn(&up, dir.path()).await;
     assert!(
@@ -503,9 +631,18 @@ async fn kill_9_mid_fill_never_exposes_the_partial_and_refetches() {
     );
     let body = get_ok_raw(&px.url(&client_blob(&blob))).await;
     assert_eq!(sha256_digest(&body), blob.digest);
-    assert_eq!(up.requests("GET", &up_blob(&blob)), 2, "restart must refetch");
+    assert_eq!(
+        up.requests("GET", &up_blob(&blob)),
+        2,
+        "restart must refetch"
+    );
     let committed = blob_file(dir.path(), &blob.digest);
-    wait_until(Duration::from_secs(10), "refetched blob committed", || async { committed.is_file() }).await;
+    wait_until(
+        Duration::from_secs(10),
+        "refetched blob committed",
+        || async { committed.is_file() },
+    )
+    .await;
     let before = up.repository_requests();
     assert_eq!(get_ok_raw(&px.url(&client_blob(&blob))).await, blob.data);
     assert_eq!(up.repository_requests(), before);
@@ -529,7 +666,11 @@ async fn truncated_cached_blob_is_refetched_after_restart() {
 
     let px = cached_proxy(up.proxy_args(), dir.path(), &[]).await;
     assert_eq!(get_ok(&px, &client_blob(&blob)).await, blob.data);
-    assert_eq!(up.requests("GET", &up_blob(&blob)), 2, "truncated file must be refetched");
+    assert_eq!(
+        up.requests("GET", &up_blob(&blob)),
+        2,
+        "truncated file must be refetched"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -565,7 +706,11 @@ async fn eviction_past_the_cap_keeps_readers_intact_and_manifests_coherent() {
     tokio::time::sleep(Duration::from_millis(20)).await;
 
     // A reader of `held` that stops after its first chunk.
-    let mut reader = test_client().get(px.url(&client_blob(&held))).send().await.unwrap();
+    let mut reader = test_client()
+        .get(px.url(&client_blob(&held)))
+        .send()
+        .await
+        .unwrap();
     let mut held_body = reader.chunk().await.unwrap().expect("first chunk").to_vec();
 
     for f in &fillers {
@@ -573,21 +718,33 @@ async fn eviction_past_the_cap_keeps_readers_intact_and_manifests_coherent() {
         settle(&px).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    wait_until(Duration::from_secs(10), "eviction down to the low watermark", || async {
-        metric(&px, "registry_proxy_cache_evictions_total", &[]).await > 0.0
-            && metric(&px, "registry_proxy_cache_size_bytes", &[]).await <= (32 * MIB) as f64
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "eviction down to the low watermark",
+        || async {
+            metric(&px, "registry_proxy_cache_evictions_total", &[]).await > 0.0
+                && metric(&px, "registry_proxy_cache_size_bytes", &[]).await <= (32 * MIB) as f64
+        },
+    )
     .await;
-    assert!(blob_file(dir.path(), &held.digest).is_file(), "evicted a blob being read");
+    assert!(
+        blob_file(dir.path(), &held.digest).is_file(),
+        "evicted a blob being read"
+    );
 
     // The held reader still streams the whole blob.
-    let rest = read_body(reader).await.expect("held reader broke during eviction");
+    let rest = read_body(reader)
+        .await
+        .expect("held reader broke during eviction");
     held_body.extend_from_slice(&rest);
     assert_eq!(sha256_digest(&held_body), held.digest);
 
     // The old image went (its manifest first: no manifest survives without its blobs).
     let layer = &image.layers[0];
-    assert!(!blob_file(dir.path(), &layer.digest).exists(), "LRU layer not evicted");
+    assert!(
+        !blob_file(dir.path(), &layer.digest).exists(),
+        "LRU layer not evicted"
+    );
     assert!(
         !manifest_file(dir.path(), &image.manifest.digest).exists(),
         "manifest left pointing at an evicted blob"
@@ -597,7 +754,10 @@ async fn eviction_past_the_cap_keeps_readers_intact_and_manifests_coherent() {
     // The evicted manifest comes from the upstream again, the held blob still from disk.
     let m_before = up.requests("GET", &up_manifest(&image.manifest.digest));
     get_ok(&px, &client_manifest(&image.manifest.digest)).await;
-    assert_eq!(up.requests("GET", &up_manifest(&image.manifest.digest)), m_before + 1);
+    assert_eq!(
+        up.requests("GET", &up_manifest(&image.manifest.digest)),
+        m_before + 1
+    );
 }
 
 /// Every manifest on disk has all the blobs and child manifests its `.meta` references.
@@ -638,11 +798,23 @@ async fn manifest_by_digest_is_served_from_cache() {
     let c = test_client();
     let path = client_manifest(&image.manifest.digest);
     for _ in 0..3 {
-        let r = c.get(px.url(&path)).header(header::ACCEPT, OCI_MANIFEST).send().await.unwrap();
+        let r = c
+            .get(px.url(&path))
+            .header(header::ACCEPT, OCI_MANIFEST)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()[header::CONTENT_TYPE], OCI_MANIFEST);
-        assert_eq!(r.headers()["docker-content-digest"], image.manifest.digest.as_str());
-        assert_eq!(r.bytes().await.unwrap(), image.manifest.data, "bytes must be exact");
+        assert_eq!(
+            r.headers()["docker-content-digest"],
+            image.manifest.digest.as_str()
+        );
+        assert_eq!(
+            r.bytes().await.unwrap(),
+            image.manifest.data,
+            "bytes must be exact"
+        );
         let h = c.head(px.url(&path)).send().await.unwrap();
         assert_eq!(h.status(), 200);
     }
@@ -661,14 +833,21 @@ async fn tag_pull_revalidates_with_one_coalesced_head() {
     let c = test_client();
     let tag_path = up_manifest("v1");
 
-    assert_eq!(get_ok(&px, &client_manifest("v1")).await, image.manifest.data);
-    let gets_after_first = up.requests("GET", &tag_path) + up.requests("GET", &up_manifest(&image.manifest.digest));
+    assert_eq!(
+        get_ok(&px, &client_manifest("v1")).await,
+        image.manifest.data
+    );
+    let gets_after_first =
+        up.requests("GET", &tag_path) + up.requests("GET", &up_manifest(&image.manifest.digest));
     assert_eq!(gets_after_first, 1, "first pull fetches the manifest once");
 
     // Each later pull: exactly one HEAD, no GET.
     for i in 1..=3 {
         let heads = up.requests("HEAD", &tag_path);
-        assert_eq!(get_ok(&px, &client_manifest("v1")).await, image.manifest.data);
+        assert_eq!(
+            get_ok(&px, &client_manifest("v1")).await,
+            image.manifest.data
+        );
         assert_eq!(up.requests("HEAD", &tag_path), heads + 1, "pull {i}");
     }
     assert_eq!(
@@ -688,11 +867,18 @@ async fn tag_pull_revalidates_with_one_coalesced_head() {
         "application/vnd.docker.distribution.manifest.v2+json",
         "application/vnd.docker.distribution.manifest.list.v2+json",
     ] {
-        assert!(types.iter().any(|x| x == t), "HEAD Accept lacks {t}: {types:?}");
+        assert!(
+            types.iter().any(|x| x == t),
+            "HEAD Accept lacks {t}: {types:?}"
+        );
     }
 
     // 8 concurrent pulls share one HEAD.
-    up.on(Rule::exact(&tag_path, Action::DelayHeaders(Duration::from_millis(300))).method("HEAD").times(1));
+    up.on(
+        Rule::exact(&tag_path, Action::DelayHeaders(Duration::from_millis(300)))
+            .method("HEAD")
+            .times(1),
+    );
     let heads = up.requests("HEAD", &tag_path);
     let bodies = join_all((0..8).map(|_| {
         let (c, url) = (c.clone(), px.url(&client_manifest("v1")));
@@ -700,12 +886,19 @@ async fn tag_pull_revalidates_with_one_coalesced_head() {
     }))
     .await;
     assert!(bodies.iter().all(|b| *b == image.manifest.data));
-    assert_eq!(up.requests("HEAD", &tag_path), heads + 1, "concurrent revalidations not coalesced");
+    assert_eq!(
+        up.requests("HEAD", &tag_path),
+        heads + 1,
+        "concurrent revalidations not coalesced"
+    );
 
     // A moved tag is followed.
     let image2 = Image::random(&[2048]);
     up.push_image(UPSTREAM_REPO, Some("v1"), &image2);
-    assert_eq!(get_ok(&px, &client_manifest("v1")).await, image2.manifest.data);
+    assert_eq!(
+        get_ok(&px, &client_manifest("v1")).await,
+        image2.manifest.data
+    );
 }
 
 #[tokio::test]
@@ -722,20 +915,44 @@ async fn tag_pull_serves_stale_when_the_upstream_fails_or_is_down() {
         "HTTP".into(),
     ];
     let px = cached_proxy(args, dir.path(), &[]).await;
-    assert_eq!(get_ok(&px, &client_manifest("v1")).await, image.manifest.data);
+    assert_eq!(
+        get_ok(&px, &client_manifest("v1")).await,
+        image.manifest.data
+    );
 
     // 500 from the upstream.
-    up.on(Rule::prefix(format!("/v2/{UPSTREAM_REPO}/manifests/"), Action::status(500)));
-    assert_eq!(get_ok(&px, &client_manifest("v1")).await, image.manifest.data);
-    assert!(up.requests("HEAD", &up_manifest("v1")) >= 2, "did not try the upstream");
+    up.on(Rule::prefix(
+        format!("/v2/{UPSTREAM_REPO}/manifests/"),
+        Action::status(500),
+    ));
+    assert_eq!(
+        get_ok(&px, &client_manifest("v1")).await,
+        image.manifest.data
+    );
+    assert!(
+        up.requests("HEAD", &up_manifest("v1")) >= 2,
+        "did not try the upstream"
+    );
     let stale = [("kind", "manifest"), ("result", "stale")];
-    assert_eq!(metric(&px, "registry_proxy_cache_requests_total", &stale).await, 1.0);
+    assert_eq!(
+        metric(&px, "registry_proxy_cache_requests_total", &stale).await,
+        1.0
+    );
 
     // 429.
     up.clear_rules();
-    up.on(Rule::prefix(format!("/v2/{UPSTREAM_REPO}/manifests/"), Action::too_many_requests(5)));
-    assert_eq!(get_ok(&px, &client_manifest("v1")).await, image.manifest.data);
-    assert_eq!(metric(&px, "registry_proxy_cache_requests_total", &stale).await, 2.0);
+    up.on(Rule::prefix(
+        format!("/v2/{UPSTREAM_REPO}/manifests/"),
+        Action::too_many_requests(5),
+    ));
+    assert_eq!(
+        get_ok(&px, &client_manifest("v1")).await,
+        image.manifest.data
+    );
+    assert_eq!(
+        metric(&px, "registry_proxy_cache_requests_total", &stale).await,
+        2.0
+    );
 
     // Upstream down: connections refused.
     up.clear_rules();
@@ -749,12 +966,22 @@ async fn tag_pull_serves_stale_when_the_upstream_fails_or_is_down() {
     .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), image.manifest.data);
-    assert_eq!(metric(&px, "registry_proxy_cache_requests_total", &stale).await, 3.0);
+    assert_eq!(
+        metric(&px, "registry_proxy_cache_requests_total", &stale).await,
+        3.0
+    );
 
     // A 404 is never papered over with stale content.
     fwd.restart().await;
-    up.on(Rule::prefix(format!("/v2/{UPSTREAM_REPO}/manifests/"), Action::status(404)));
-    let r = test_client().get(px.url(&client_manifest("v1"))).send().await.unwrap();
+    up.on(Rule::prefix(
+        format!("/v2/{UPSTREAM_REPO}/manifests/"),
+        Action::status(404),
+    ));
+    let r = test_client()
+        .get(px.url(&client_manifest("v1")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
 }
 
@@ -774,13 +1001,27 @@ async fn prefetch_layers_warms_blobs_once_without_delaying_the_manifest() {
     let px = cached_proxy(up.proxy_args(), dir.path(), &["--prefetch-layers"]).await;
 
     let start = Instant::now();
-    assert_eq!(get_ok(&px, &client_manifest("v1")).await, image.manifest.data);
-    assert!(start.elapsed() < Duration::from_millis(500), "manifest waited for the prefetch");
+    assert_eq!(
+        get_ok(&px, &client_manifest("v1")).await,
+        image.manifest.data
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "manifest waited for the prefetch"
+    );
     // A client asking for a layer while it is prefetched joins that fill.
-    assert_eq!(get_ok(&px, &client_blob(&image.layers[0])).await, image.layers[0].data);
+    assert_eq!(
+        get_ok(&px, &client_blob(&image.layers[0])).await,
+        image.layers[0].data
+    );
     for b in image.blobs() {
         let p = blob_file(dir.path(), &b.digest);
-        wait_until(Duration::from_secs(10), "prefetched blob committed", || async { p.is_file() }).await;
+        wait_until(
+            Duration::from_secs(10),
+            "prefetched blob committed",
+            || async { p.is_file() },
+        )
+        .await;
     }
     let before = up.repository_requests();
     for b in image.blobs() {
@@ -788,7 +1029,12 @@ async fn prefetch_layers_warms_blobs_once_without_delaying_the_manifest() {
     }
     assert_eq!(up.repository_requests(), before);
     for b in image.blobs() {
-        assert_eq!(up.requests("GET", &up_blob(b)), 1, "blob {} fetched more than once", b.digest);
+        assert_eq!(
+            up.requests("GET", &up_blob(b)),
+            1,
+            "blob {} fetched more than once",
+            b.digest
+        );
     }
 }
 
@@ -802,11 +1048,21 @@ async fn no_cache_keeps_nothing_on_disk() {
     let px = cached_proxy(up.proxy_args(), dir.path(), &["--no-cache"]).await;
 
     for _ in 0..2 {
-        assert_eq!(get_ok(&px, &client_manifest("v1")).await, image.manifest.data);
-        assert_eq!(get_ok(&px, &client_manifest(&image.manifest.digest)).await, image.manifest.data);
+        assert_eq!(
+            get_ok(&px, &client_manifest("v1")).await,
+            image.manifest.data
+        );
+        assert_eq!(
+            get_ok(&px, &client_manifest(&image.manifest.digest)).await,
+            image.manifest.data
+        );
         assert_eq!(get_ok(&px, &client_blob(layer)).await, layer.data);
     }
-    assert_eq!(up.requests("GET", &up_blob(layer)), 2, "--no-cache served a blob from disk");
+    assert_eq!(
+        up.requests("GET", &up_blob(layer)),
+        2,
+        "--no-cache served a blob from disk"
+    );
     assert_eq!(up.requests("GET", &up_manifest(&image.manifest.digest)), 2);
     settle(&px).await;
     let files = files_under(dir.path());
@@ -893,7 +1149,11 @@ fn proxy_binary() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/integration-<hash> -> target/<profile>/registry-proxy
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("registry-proxy");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("registry-proxy");
     assert!(
         bin.is_file(),
         "{} not found: run `cargo build -p registry-proxy` before this test (or set REGISTRY_PROXY_BIN)",
@@ -903,7 +1163,11 @@ fn proxy_binary() -> PathBuf {
 }
 
 async fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 impl ProxyProcess {
@@ -913,7 +1177,12 @@ impl ProxyProcess {
             .args(up.proxy_args())
             .arg("--cache-dir")
             .arg(dir)
-            .args(["--listen", &addr.to_string(), "--metrics-listen", &metrics.to_string()])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--metrics-listen",
+                &metrics.to_string(),
+            ])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -932,7 +1201,10 @@ impl ProxyProcess {
             if let Ok(Some(status)) = p.child.try_wait() {
                 panic!("proxy exited at start-up: {status}");
             }
-            assert!(start.elapsed() < Duration::from_secs(10), "proxy did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "proxy did not start"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         p.addr = addr;

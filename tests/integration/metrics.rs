@@ -288,7 +288,10 @@ async fn scripted_pulls_give_exact_counters() {
     assert_eq!(after.get("registry_proxy_cache_evictions_total"), 0.0);
     // A 500 on the first request goes straight back to the client, which retries on its
     // own: exactly one upstream GET and no resume (resumes are for mid-blob drops).
-    assert_eq!(failing_gets, 1, "a 500 at offset 0 is not retried by the fill");
+    assert_eq!(
+        failing_gets, 1,
+        "a 500 at offset 0 is not retried by the fill"
+    );
     assert_eq!(after.get("registry_proxy_cache_fill_resumes_total"), 0.0);
 
     // The probe stayed ok; rate limit never seen; build info present.

@@ -1,0 +1,292 @@
+#!/usr/bin/env bash
+# Cache benchmark, side by side in one run on loopback: the upstream directly (docker-registry), our
+# registry-proxy with --cache-dir, CNCF distribution 2.8 in proxy mode, nginx proxy_cache (+ cache_lock).
+#
+#   bash benches/scripts/compare.sh                    # release-builds registry-proxy first
+#   LAB_NO_BUILD=1 bash benches/scripts/compare.sh     # use target/release/registry-proxy as is
+#
+# Env: BIG_MIB (200), SMALL_MIB (1), WRK_SECONDS (10), COLD_RUNS (3), RSS_CLIENTS (16),
+#      RESULTS (docs/bench-cache.csv), SVG (docs/bench-cache.svg), PROXY_BIN, LAB_KEEP=1 keeps $LAB.
+#
+# The upstream is anonymous: distribution 2.8 sends no credentials to a Basic upstream and nginx cannot
+# do the Bearer dance (local-lab G1), so an anonymous upstream is the one setup all three peers share.
+# Upstream blob GETs are counted from the upstream's access log. Everything is bounded: fixed run counts,
+# wrk durations, curl --max-time; every process is started by lab_bg and stopped by PID.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+# shellcheck source=scripts/lab.sh
+source "$ROOT/scripts/lab.sh"
+
+BIG_MIB=${BIG_MIB:-200}
+SMALL_MIB=${SMALL_MIB:-1}
+WRK_SECONDS=${WRK_SECONDS:-10}
+COLD_RUNS=${COLD_RUNS:-3}
+RSS_CLIENTS=${RSS_CLIENTS:-16}
+RESULTS=${RESULTS:-$ROOT/docs/bench-cache.csv}
+SVG=${SVG:-$ROOT/docs/bench-cache.svg}
+PY=$(pyenv which python3 2>/dev/null || command -v python3)
+
+lab_init
+lab_need curl jq docker-registry skopeo wrk nginx
+if [[ ${LAB_NO_BUILD:-0} != 1 ]]; then
+    lab_log "cargo build --release -p registry-proxy"
+    (cd "$ROOT" && cargo build --release -q -p registry-proxy) || lab_die "building registry-proxy failed"
+fi
+PROXY_BIN=${PROXY_BIN:-$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/release/registry-proxy}
+[[ -x $PROXY_BIN ]] || lab_die "no proxy binary at $PROXY_BIN"
+
+CSV=$LAB/results.csv
+echo "target,metric,value,unit" >"$CSV"
+rec() { echo "$1,$2,$3,$4" >>"$CSV"; lab_log "result: $1 $2 = $3 $4"; }
+
+# ---- images and the anonymous upstream --------------------------------------------------------------
+read -r _ BIG < <(lab_mkimage "$LAB/layout" big "$BIG_MIB")
+read -r _ SMALL < <(lab_mkimage "$LAB/layout" small "$SMALL_MIB")
+[[ $BIG == sha256:* && $SMALL == sha256:* ]] || lab_die "building the images failed"
+BIG_BYTES=$(stat -c%s "$(lab_blob "$LAB/layout" "$BIG")")
+
+UP=127.0.0.1:$(lab_free_port)
+mkdir -p "$LAB/up/data"
+cat >"$LAB/up/config.yml" <<EOF
+version: 0.1
+log: {level: info, accesslog: {disabled: false}}
+storage:
+  filesystem: {rootdirectory: $LAB/up/data}
+  delete: {enabled: true}
+http: {addr: $UP, secret: lab-upstream-secret}
+EOF
+lab_bg upstream docker-registry serve "$LAB/up/config.yml"
+lab_wait_http "http://$UP/v2/" 20 || lab_die "upstream did not start"
+for t in big small; do
+    timeout 120 skopeo --insecure-policy copy -q --preserve-digests --dest-tls-verify=false \
+        "oci:$LAB/layout:$t" "docker://$UP/deckhouse/ee/$t:v1" >&2 || lab_die "push $t failed"
+done
+
+# Upstream blob GETs so far (access log lines), for one digest.
+up_gets() { grep -c "\"GET /v2/deckhouse/ee/[a-z]*/blobs/$1 " "$LAB/logs/upstream.log" || true; }
+
+# ---- the three proxies: start / stop / URLs ---------------------------------------------------------
+OURS_PORT=$(lab_free_port)
+OURS_METRICS=$(lab_free_port)
+DIST_PORT=$(lab_free_port)
+DIST_DEBUG=$(lab_free_port)
+NGX_PORT=$(lab_free_port)
+
+mkdir -p "$LAB/dist" "$LAB/ngx/tmp" "$LAB/ngx/logs"
+cat >"$LAB/dist/config.yml" <<EOF
+version: 0.1
+log: {level: warn, accesslog: {disabled: true}}
+storage:
+  filesystem: {rootdirectory: $LAB/dist/data}
+  delete: {enabled: true}
+  cache: {blobdescriptor: inmemory}
+http:
+  addr: 127.0.0.1:$DIST_PORT
+  secret: proxy-secret
+  debug: {addr: 127.0.0.1:$DIST_DEBUG}
+proxy:
+  remoteurl: http://$UP
+EOF
+# local-lab §5.2, without the injected Basic header (anonymous upstream).
+# nginx workers run as www-data: they need to reach $LAB (mktemp makes it 0700) and own their dirs.
+chmod 711 "$LAB"
+chown -R www-data: "$LAB/ngx"
+cat >"$LAB/ngx/nginx.conf" <<EOF
+user www-data;
+worker_processes 1;
+daemon off;
+pid $LAB/ngx/nginx.pid;
+error_log $LAB/ngx/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $LAB/ngx/tmp/body;
+  proxy_temp_path $LAB/ngx/tmp/proxy;
+  fastcgi_temp_path $LAB/ngx/tmp/fcgi;
+  uwsgi_temp_path $LAB/ngx/tmp/uwsgi;
+  scgi_temp_path $LAB/ngx/tmp/scgi;
+  sendfile on; tcp_nopush on;
+  proxy_cache_path $LAB/ngx/cache levels=1:2 keys_zone=blobs:10m max_size=20g inactive=7d use_temp_path=off;
+  upstream reg { server $UP; keepalive 16; }
+  server {
+    listen 127.0.0.1:$NGX_PORT;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    location ~ "^/v2/.+/blobs/sha256:[0-9a-f]{64}\$" {
+      proxy_pass http://reg;
+      proxy_cache blobs;
+      proxy_cache_key \$uri;
+      proxy_cache_valid 200 7d;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 600s;
+      proxy_cache_lock_age 600s;
+      proxy_buffering on;
+      proxy_max_temp_file_size 0;
+      add_header X-Cache \$upstream_cache_status;
+    }
+    location /v2/ { proxy_pass http://reg; }
+  }
+}
+EOF
+
+declare -A PID_OF=()
+start() { # start TARGET (keeps the cache on disk)
+    case $1 in
+        ours)
+            lab_bg ours env RUST_LOG=warn NO_COLOR=1 "$PROXY_BIN" --listen "127.0.0.1:$OURS_PORT" \
+                --metrics-listen "127.0.0.1:$OURS_METRICS" --images-repo "$UP/deckhouse/ee" --scheme HTTP \
+                --client-auth none --cache-dir "$LAB/ours"
+            ;;
+        dist) lab_bg dist docker-registry serve "$LAB/dist/config.yml" ;;
+        nginx) lab_bg nginx nginx -c "$LAB/ngx/nginx.conf" -e "$LAB/ngx/logs/error.log" ;;
+    esac
+    PID_OF[$1]=${LAB_PID_OF[$1]}
+    lab_wait_http "$(url "$1" /v2/)" 30 || { tail -20 "$LAB/logs/$1.log" >&2; lab_die "$1 did not start"; }
+    # nginx's cache loader indexes the on-disk cache shortly after start.
+    [[ $1 == nginx ]] && sleep 1.5
+    return 0
+}
+stop() {
+    local pid=${PID_OF[$1]:-} n=0
+    [[ -n $pid ]] || return 0
+    kill "$pid" 2>/dev/null
+    while kill -0 "$pid" 2>/dev/null && ((n++ < 100)); do sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    PID_OF[$1]=
+}
+wipe() {
+    case $1 in
+        ours) rm -rf "$LAB/ours" ;;
+        dist) rm -rf "$LAB/dist/data" ;;
+        nginx) rm -rf "$LAB/ngx/cache" && mkdir -p "$LAB/ngx/cache" && chown www-data: "$LAB/ngx/cache" ;;
+    esac
+}
+cold() { stop "$1"; wipe "$1"; start "$1"; }
+warm_restart() { stop "$1"; start "$1"; }
+url() { # url TARGET PATH-under-/v2/-or-"/v2/"
+    local base
+    case $1 in
+        upstream) base=http://$UP ;;
+        ours) base=http://127.0.0.1:$OURS_PORT ;;
+        dist) base=http://127.0.0.1:$DIST_PORT ;;
+        nginx) base=http://127.0.0.1:$NGX_PORT ;;
+    esac
+    if [[ $2 == /v2/ ]]; then echo "$base/v2/"; return; fi
+    if [[ $1 == ours ]]; then echo "$base/v2/system/deckhouse/$2"; else echo "$base/v2/deckhouse/ee/$2"; fi
+}
+blob_url() { url "$1" "$2/blobs/$3"; } # TARGET REPO DIGEST
+# Peak RSS (VmHWM, KiB) of a process and its children (nginx: master + worker).
+peak_rss_kib() {
+    local pid=$1 total=0 p v
+    for p in "$pid" $(cat "/proc/$pid/task/"*/children 2>/dev/null); do
+        v=$(awk '/^VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null)
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+check_body() { # TARGET URL: the body must hash to its digest
+    local got
+    got=sha256:$(curl -s --max-time 120 "$2" | sha256sum | cut -d' ' -f1)
+    [[ $got == "${2##*/}" ]] || lab_die "$1: $2 returned the wrong bytes"
+}
+wrk_field() { # FILE -> "req/s MiB/s"
+    awk '/Requests\/sec/ {r=$2} /Transfer\/sec/ {t=$2; u=t; gsub(/[0-9.]/,"",u); sub(/[A-Za-z]+$/,"",t);
+        m = (u=="GB") ? 1024 : (u=="MB") ? 1 : (u=="KB") ? 1/1024 : 1/1048576; printf "%s %.1f\n", r, t*m}' "$1"
+}
+
+TARGETS=(ours dist nginx)
+for t in "${TARGETS[@]}"; do start "$t"; done
+
+# ---- 1. cold 200 MiB: TTFB and total, COLD_RUNS fresh caches each; the upstream's own TTFB -------------
+for ((i = 0; i < COLD_RUNS; i++)); do
+    curl -s -o /dev/null --max-time 120 -w '%{time_starttransfer} %{time_total}\n' "$(blob_url upstream big "$BIG")"
+done >"$LAB/ttfb-upstream.txt"
+rec upstream cold_ttfb_ms "$(awk '{print $1*1000}' "$LAB/ttfb-upstream.txt" | median)" ms
+rec upstream cold_total_s "$(awk '{print $2}' "$LAB/ttfb-upstream.txt" | median)" s
+for t in "${TARGETS[@]}"; do
+    for ((i = 0; i < COLD_RUNS; i++)); do
+        cold "$t"
+        curl -s -o /dev/null --max-time 120 -w '%{time_starttransfer} %{time_total}\n' "$(blob_url "$t" big "$BIG")"
+    done >"$LAB/ttfb-$t.txt"
+    rec "$t" cold_ttfb_ms "$(awk '{print $1*1000}' "$LAB/ttfb-$t.txt" | median)" ms
+    rec "$t" cold_total_s "$(awk '{print $2}' "$LAB/ttfb-$t.txt" | median)" s
+done
+
+# ---- 2. 8 concurrent cold pulls of one blob: upstream GETs and wall time ------------------------------
+# Timed with -o /dev/null like the single cold pull (hashing 8 x 200 MiB in the clients would dominate on
+# 2 cores); the bytes are verified right after from the now warm cache. The upstream's own 8-concurrent
+# wall time is the floor this machine allows.
+c8() { # TARGET -> wall seconds
+    local u pids=() s e i
+    u=$(blob_url "$1" big "$BIG")
+    s=$(date +%s.%N)
+    for ((i = 0; i < 8; i++)); do
+        curl -s -o /dev/null --max-time 120 "$u" &
+        pids+=($!)
+    done
+    wait "${pids[@]}" # never a bare wait: lab_bg's daemons are children too
+    e=$(date +%s.%N)
+    awk -v a="$s" -v b="$e" 'BEGIN {printf "%.3f", b - a}'
+}
+rec upstream cold8_wall_s "$(c8 upstream)" s
+for t in "${TARGETS[@]}"; do
+    cold "$t"
+    before=$(up_gets "$BIG")
+    wall=$(c8 "$t")
+    rec "$t" cold8_upstream_gets $(($(up_gets "$BIG") - before)) count
+    rec "$t" cold8_wall_s "$wall" s
+    check_body "$t" "$(blob_url "$t" big "$BIG")"
+done
+
+# ---- 3/4. warm throughput (200 MiB) and request rate (1 MiB), upstream included ----------------------
+for t in upstream "${TARGETS[@]}"; do
+    ub=$(blob_url "$t" big "$BIG")
+    us=$(blob_url "$t" small "$SMALL")
+    check_body "$t" "$ub"
+    check_body "$t" "$us"
+    [[ $t == ours ]] && sleep 1 # let the last fill commit before measuring hits
+    wrk -t2 -c4 -d"${WRK_SECONDS}s" --timeout 30s "$ub" >"$LAB/wrk-big-$t.txt" 2>&1
+    wrk -t2 -c16 -d"${WRK_SECONDS}s" --timeout 30s "$us" >"$LAB/wrk-small-$t.txt" 2>&1
+    read -r rps mibs < <(wrk_field "$LAB/wrk-big-$t.txt")
+    rec "$t" warm_big_rps "$rps" req/s
+    rec "$t" warm_big_mibs "$mibs" MiB/s
+    read -r rps _ < <(wrk_field "$LAB/wrk-small-$t.txt")
+    rec "$t" warm_small_rps "$rps" req/s
+    errs=$(grep -h -E 'Non-2xx|Socket errors' "$LAB/wrk-big-$t.txt" "$LAB/wrk-small-$t.txt" | tr '\n' ' ')
+    [[ -z $errs ]] || lab_log "WARNING: $t wrk errors: $errs"
+done
+
+# ---- 5. peak RSS while RSS_CLIENTS clients pull the 200 MiB blob, cold then warm (fresh process each) ---
+rss_run() { # TARGET PHASE
+    local t=$1 u pid i pids=()
+    u=$(blob_url "$t" big "$BIG")
+    pid=${PID_OF[$t]}
+    for ((i = 0; i < RSS_CLIENTS; i++)); do
+        curl -s -o /dev/null --max-time 300 "$u" &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    rec "$t" "rss_${2}_mib" "$(awk -v k="$(peak_rss_kib "$pid")" 'BEGIN {printf "%.1f", k / 1024}')" MiB
+}
+for t in "${TARGETS[@]}"; do
+    cold "$t"
+    rss_run "$t" cold
+    [[ $t == ours ]] && sleep 1
+    warm_restart "$t"
+    rss_run "$t" warm
+done
+
+# ---- output ----------------------------------------------------------------------------------------
+{
+    echo "# machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
+    echo "# date: $(date -u +%FT%TZ); big blob $BIG_BYTES bytes; wrk ${WRK_SECONDS}s; cold runs $COLD_RUNS; rss clients $RSS_CLIENTS"
+    echo "# load before output: $(cut -d' ' -f1-3 /proc/loadavg)"
+    cat "$CSV"
+} >"$RESULTS"
+lab_log "results in $RESULTS"
+"$PY" "$HERE/chart.py" "$RESULTS" "$SVG" || lab_die "chart.py failed"
+lab_log "chart in $SVG"
+column -t -s, "$CSV" >&2
