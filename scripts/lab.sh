@@ -309,3 +309,57 @@ lab_start_proxy() {
     lab_wait_http "http://$PX/v2/" 30 || { tail -30 "$LAB/logs/$name.log" >&2; lab_die "registry-proxy ($name) did not start"; }
     lab_log "registry-proxy http://$PX (metrics http://$PX_METRICS)"
 }
+
+# ---------------------------------------------------------------- test bookkeeping
+# Shared by tests/e2e/run.sh, tests/e2e/auth.sh and tests/ops/run.sh: counters, checks, a
+# summary trap that prints `<name>: N passed, M failed` and the tail of the named logs, and
+# a watchdog bounding the whole run.
+PASSED=0
+FAILED=0
+FAILURES=()
+pass() {
+    PASSED=$((PASSED + 1))
+    printf 'ok   %s\n' "$1"
+}
+fail() {
+    FAILED=$((FAILED + 1))
+    FAILURES+=("$1")
+    printf 'FAIL %s: %s\n' "$1" "${2:-}"
+}
+# expect_eq NAME EXPECTED ACTUAL
+expect_eq() {
+    if [[ $2 == "$3" ]]; then pass "$1"; else fail "$1" "expected '$2', got '$3'"; fi
+}
+# lab_summary NAME LOG...: for `trap 'lab_summary e2e proxy registry' EXIT`.
+lab_summary() {
+    local rc=$? name=$1 f
+    shift
+    if ((rc != 0)); then
+        FAILED=$((FAILED + 1))
+        FAILURES+=("run aborted (exit $rc)")
+    fi
+    if ((FAILED > 0)); then
+        printf -- "--- failure: %s\n" "${FAILURES[@]}"
+        for f in "$@"; do
+            [[ -f ${LAB:-/nonexistent}/logs/$f.log ]] || continue
+            echo "--- last lines of $f.log"
+            tail -8 "$LAB/logs/$f.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-400
+        done
+    fi
+    echo "$name: $PASSED passed, $FAILED failed"
+    ((FAILED == 0)) && ((rc == 0)) || rc=1
+    lab_cleanup "$rc"
+}
+# lab_watchdog NAME SECONDS: terminates this shell after SECONDS; the EXIT trap cleans up.
+lab_watchdog() {
+    local name=$1 secs=$2
+    (
+        trap 'kill "$s" 2>/dev/null; exit 0' TERM
+        sleep "$secs" &
+        s=$!
+        wait "$s" || exit 0
+        echo "$name: timeout after ${secs}s" >&2
+        kill -TERM $$ 2>/dev/null
+    ) &
+    LAB_PIDS+=("$!")
+}

@@ -302,9 +302,33 @@ async fn retry_or_fail(inner: &Inner, attempts: &mut u32, e: SourceError) -> Res
     Ok(())
 }
 
+/// Batches of upstream bytes queued for the spool writer: the network side keeps
+/// receiving while the previous batches are written and hashed.
+const WRITER_QUEUE: usize = 8;
+
+/// Writes and hashes spool batches on a blocking thread, publishing progress to readers.
+/// Runs until the queue closes; returns the hasher and the bytes written.
+fn spool_writer(
+    file: Arc<File>,
+    shared: Arc<FillShared>,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<Bytes>>,
+) -> io::Result<(Sha256Hasher, u64)> {
+    let mut hasher = Sha256Hasher::new();
+    let mut written = 0u64;
+    while let Some(batch) = rx.blocking_recv() {
+        for b in &batch {
+            file.write_all_at(b, written)?;
+            hasher.update(b);
+            written += b.len() as u64;
+        }
+        shared.tx.send_modify(|p| p.written = written);
+    }
+    Ok((hasher, written))
+}
+
 async fn fill_body(
     inner: &Inner,
-    shared: &FillShared,
+    shared: &Arc<FillShared>,
     hex: &Hex,
     source: &dyn BlobSource,
 ) -> Result<(), FillError> {
@@ -315,13 +339,21 @@ async fn fill_body(
     let file = spool.file.clone();
     shared.tx.send_modify(|p| p.file = Some(file.clone()));
 
-    let mut hasher = Sha256Hasher::new();
-    let mut written = 0u64;
+    // Receiving from the upstream and writing + hashing the spool overlap: the writer is
+    // a blocking thread fed through a bounded queue (memory stays bounded by
+    // WRITER_QUEUE × WRITE_BATCH chunks).
+    let (queue, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(WRITER_QUEUE);
+    let writer = {
+        let (file, shared) = (file.clone(), shared.clone());
+        tokio::task::spawn_blocking(move || spool_writer(file, shared, rx))
+    };
+    // Bytes received and queued; the resume offset (the writer catches up on its own).
+    let mut received = 0u64;
     let mut total: Option<u64> = None;
     let mut attempts = 0u32;
 
     'open: loop {
-        let body = match source.open(written).await {
+        let body = match source.open(received).await {
             Ok(b) => b,
             Err(e) => {
                 retry_or_fail(inner, &mut attempts, e).await?;
@@ -336,10 +368,10 @@ async fn fill_body(
                 });
             }
             (None, Some(n)) => {
-                if n < written {
+                if n < received {
                     return Err(FillError::LengthMismatch {
                         expected: n,
-                        actual: written,
+                        actual: received,
                     });
                 }
                 total = Some(n);
@@ -351,10 +383,10 @@ async fn fill_body(
         loop {
             let Some(batch) = chunks.next().await else {
                 match total {
-                    Some(t) if written < t => {
+                    Some(t) if received < t => {
                         let eof = io::Error::new(
                             io::ErrorKind::UnexpectedEof,
-                            format!("upstream body ended at {written} of {t} bytes"),
+                            format!("upstream body ended at {received} of {t} bytes"),
                         );
                         retry_or_fail(inner, &mut attempts, SourceError::retryable(eof)).await?;
                         continue 'open;
@@ -376,34 +408,34 @@ async fn fill_body(
             let n: u64 = data.iter().map(|b| b.len() as u64).sum();
             if n > 0 {
                 if let Some(t) = total
-                    && written + n > t
+                    && received + n > t
                 {
                     return Err(FillError::LengthMismatch {
                         expected: t,
-                        actual: written + n,
+                        actual: received + n,
                     });
                 }
-                let f = file.clone();
-                let mut h = std::mem::replace(&mut hasher, Sha256Hasher::new());
-                let mut off = written;
-                hasher = tokio::task::spawn_blocking(move || -> io::Result<Sha256Hasher> {
-                    for b in &data {
-                        f.write_all_at(b, off)?;
-                        h.update(b);
-                        off += b.len() as u64;
-                    }
-                    Ok(h)
-                })
-                .await
-                .map_err(|e| FillError::from(io::Error::other(e)))??;
-                written += n;
-                shared.tx.send_modify(|p| p.written = written);
+                if queue.send(data).await.is_err() {
+                    // The writer stopped: its own error says why.
+                    break 'open;
+                }
+                received += n;
             }
             if let Some(e) = err {
                 retry_or_fail(inner, &mut attempts, e).await?;
                 continue 'open;
             }
         }
+    }
+    drop(queue);
+    let (hasher, written) = writer
+        .await
+        .map_err(|e| FillError::from(io::Error::other(e)))??;
+    if written != received {
+        return Err(FillError::LengthMismatch {
+            expected: received,
+            actual: written,
+        });
     }
 
     if let Some(t) = total

@@ -9,9 +9,8 @@
 //!   checked within `--tag-freshness`; if the upstream fails, the cached digest is served
 //!   (stale-if-error).
 //!
-//! Without `--cache-dir` (or with `--no-cache`) the cache runs ephemeral: identical
-//! concurrent blob GETs still share one upstream fetch through a temporary spool, and
-//! nothing is kept.
+//! Without `--cache-dir` (or with `--no-cache`) this module is not used: requests stream
+//! straight from the upstream (`routes::passthrough`).
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -36,8 +35,6 @@ use crate::upstream::Upstream;
 #[derive(Clone, Debug)]
 pub struct CacheLayer {
     cache: Cache,
-    /// `false`: ephemeral (no hits, coalescing only).
-    persistent: bool,
     tag_freshness: Duration,
     prefetch: bool,
     revalidations: Arc<SingleFlight>,
@@ -57,14 +54,12 @@ impl CacheLayer {
     /// Wraps an opened cache.
     pub fn new(
         cache: Cache,
-        persistent: bool,
         tag_freshness: Duration,
         prefetch: bool,
         tasks: tokio_util::task::TaskTracker,
     ) -> Self {
         Self {
             cache,
-            persistent,
             tag_freshness,
             prefetch,
             revalidations: Arc::default(),
@@ -75,11 +70,6 @@ impl CacheLayer {
     /// The cache (for stats).
     pub fn cache(&self) -> &Cache {
         &self.cache
-    }
-
-    /// Whether hits are served.
-    pub fn is_persistent(&self) -> bool {
-        self.persistent
     }
 }
 
@@ -312,7 +302,7 @@ pub async fn blob(
     let (upstream, metrics) = (&state.upstream, &state.metrics);
     let head = *method == Method::HEAD;
     let sha256 = digest.algorithm().as_ref() == "sha256";
-    if layer.persistent && sha256 {
+    if sha256 {
         match layer.cache.blob(digest).await {
             Ok(Some(hit)) => {
                 metrics.cache("blob", "hit");
@@ -328,12 +318,9 @@ pub async fn blob(
         }
     }
     let path = format!("{remote}/blobs/{digest}");
-    // HEAD never starts a fill; a Range on an ephemeral cache goes straight upstream
-    // (nothing would be kept, so waiting for a spool buys nothing); non-sha256 digests
-    // cannot be verified by the cache.
-    let ranged = req_headers.contains_key(header::RANGE);
-    if head || !sha256 || (!layer.persistent && ranged) {
-        metrics.cache("blob", if layer.persistent { "miss" } else { "bypass" });
+    // HEAD never starts a fill; non-sha256 digests cannot be verified by the cache.
+    if head || !sha256 {
+        metrics.cache("blob", "miss");
         return upstream_blob(upstream, metrics, method, &path, req_headers, scope).await;
     }
     let source = Arc::new(UpstreamBlob {
@@ -343,10 +330,10 @@ pub async fn blob(
         metrics: metrics.clone(),
     });
     let fill = layer.cache.fill(digest, source);
-    let result = match (fill.is_leader(), layer.persistent) {
-        (true, true) => "miss",
-        (true, false) => "bypass",
-        (false, _) => "coalesced",
+    let result = if fill.is_leader() {
+        "miss"
+    } else {
+        "coalesced"
     };
     metrics.cache("blob", result);
     let len = fill.meta().await.map_err(|e| fill_error(&e))?;
@@ -395,29 +382,17 @@ fn manifest_references(bytes: &[u8]) -> (Vec<Digest>, Vec<Digest>) {
             .and_then(|s| s.as_str())
             .and_then(|s| crate::path::parse_digest(s).ok())
     };
-    if let Some(c) = v.get("config").and_then(digest_of) {
-        blobs.push(c);
-    }
-    for l in v
-        .get("layers")
-        .and_then(|l| l.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some(d) = digest_of(l) {
-            blobs.push(d);
-        }
-    }
-    for m in v
-        .get("manifests")
-        .and_then(|l| l.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some(d) = digest_of(m) {
-            children.push(d);
-        }
-    }
+    let listed = |key: &str| -> Vec<Digest> {
+        v.get(key)
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(digest_of)
+            .collect()
+    };
+    blobs.extend(v.get("config").and_then(digest_of));
+    blobs.extend(listed("layers"));
+    children.extend(listed("manifests"));
     (blobs, children)
 }
 
@@ -499,7 +474,7 @@ async fn fetch_manifest(
             "upstream manifest does not match the requested digest",
         ));
     }
-    if layer.persistent {
+    {
         let (blobs, children) = manifest_references(&bytes);
         let mut refs = blobs.clone();
         refs.extend(children);
@@ -558,7 +533,7 @@ pub async fn manifest_by_digest(
 ) -> Result<Response, ApiError> {
     let (upstream, metrics) = (&state.upstream, &state.metrics);
     let head = *method == Method::HEAD;
-    if layer.persistent && digest.algorithm().as_ref() == "sha256" {
+    if digest.algorithm().as_ref() == "sha256" {
         match layer.cache.manifest(digest).await {
             Ok(Some(m)) => {
                 metrics.cache("manifest", "hit");
@@ -575,7 +550,7 @@ pub async fn manifest_by_digest(
             Err(e) => tracing::warn!(error = %e, %digest, "manifest cache lookup failed"),
         }
     }
-    metrics.cache("manifest", if layer.persistent { "miss" } else { "bypass" });
+    metrics.cache("manifest", "miss");
     let (bytes, media_type, d) = fetch_manifest(
         layer,
         upstream,

@@ -186,7 +186,6 @@ async fn open_cache(
     tracing::info!(dir = %dir.display(), "cache ready");
     Ok(Some(cached::CacheLayer::new(
         cache,
-        true,
         config.args.tag_freshness,
         config.args.prefetch_layers,
         tasks,

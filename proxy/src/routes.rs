@@ -138,10 +138,10 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
     let query = filtered_query(&route, req.uri.query());
     let result = match &route {
         Route::Manifest { reference, .. } => match (&state.cache, reference) {
-            (Some(c), Reference::Digest(d)) if c.is_persistent() => {
+            (Some(c), Reference::Digest(d)) => {
                 crate::cached::manifest_by_digest(state, c, &method, &remote, d, &scope).await
             }
-            (Some(c), Reference::Tag(t)) if c.is_persistent() => {
+            (Some(c), Reference::Tag(t)) => {
                 crate::cached::manifest_by_tag(state, c, &method, &remote, t, &scope).await
             }
             _ => {

@@ -16,27 +16,12 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=../../scripts/lab.sh
 source "$HERE/../../scripts/lab.sh"
 
-PASSED=0
-FAILED=0
-FAILURES=()
 TAG=v1.0.0
 HOST=registry.d8-system.svc:5001 # Deckhouse's reference; only reachable through hosts.toml / mirrors
 CREDS=license-token:$LAB_LICENSE
 BAD_CREDS=license-token:not-the-license
 AUTH_ERR='401|unauthori[sz]ed|authentication required|authorization failed|invalid username/password'
 
-pass() {
-    PASSED=$((PASSED + 1))
-    printf 'ok   %s\n' "$1"
-}
-fail() {
-    FAILED=$((FAILED + 1))
-    FAILURES+=("$1")
-    printf 'FAIL %s: %s\n' "$1" "${2:-}"
-}
-expect_eq() {
-    if [[ $2 == "$3" ]]; then pass "$1"; else fail "$1" "expected '$2', got '$3'"; fi
-}
 # expect_auth_failure NAME RC OUTPUT_FILE: the command failed and said why in authentication terms.
 expect_auth_failure() {
     if (($2 == 0)); then
@@ -48,38 +33,9 @@ expect_auth_failure() {
     fi
 }
 
-summary() {
-    local rc=$?
-    if ((rc != 0)); then
-        FAILED=$((FAILED + 1))
-        FAILURES+=("run aborted (exit $rc)")
-    fi
-    if ((FAILED > 0)); then
-        printf -- "--- failure: %s\n" "${FAILURES[@]}"
-        for f in proxy-auth proxy-anon registry registry-anon token containerd; do
-            [[ -f ${LAB:-/nonexistent}/logs/$f.log ]] || continue
-            echo "--- last lines of $f.log"
-            tail -6 "$LAB/logs/$f.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300
-        done
-    fi
-    echo "e2e-auth: $PASSED passed, $FAILED failed"
-    ((FAILED == 0)) && ((rc == 0)) || rc=1
-    lab_cleanup "$rc"
-}
-
 lab_init
-trap summary EXIT
-
-E2E_AUTH_TIMEOUT=${E2E_AUTH_TIMEOUT:-300}
-(
-    trap 'kill "$s" 2>/dev/null; exit 0' TERM
-    sleep "$E2E_AUTH_TIMEOUT" &
-    s=$!
-    wait "$s" || exit 0
-    echo "e2e-auth: timeout after ${E2E_AUTH_TIMEOUT}s" >&2
-    kill -TERM $$ 2>/dev/null
-) &
-LAB_PIDS+=("$!")
+trap 'lab_summary e2e-auth proxy-auth proxy-anon registry registry-anon token containerd' EXIT
+lab_watchdog e2e-auth "${E2E_AUTH_TIMEOUT:-300}"
 T0=$SECONDS
 
 lab_need curl jq openssl docker-registry skopeo containerd ctr runc podman

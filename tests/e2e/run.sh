@@ -17,60 +17,14 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/lab.sh
 source "$HERE/../../scripts/lab.sh"
 
-PASSED=0
-FAILED=0
-FAILURES=()
 TAG=v1.0.0
 HOST=registry.d8-system.svc:5001 # Deckhouse's in-cluster address; resolved only through hosts.toml / mirrors
 CREDS=license-token:$LAB_LICENSE  # what in-cluster clients present to the proxy (Deckhouse's client auth)
 
-pass() {
-    PASSED=$((PASSED + 1))
-    printf 'ok   %s\n' "$1"
-}
-fail() {
-    FAILED=$((FAILED + 1))
-    FAILURES+=("$1")
-    printf 'FAIL %s: %s\n' "$1" "${2:-}"
-}
-# expect_eq NAME EXPECTED ACTUAL
-expect_eq() {
-    if [[ $2 == "$3" ]]; then pass "$1"; else fail "$1" "expected '$2', got '$3'"; fi
-}
-
-summary() {
-    local rc=$?
-    if ((rc != 0)); then
-        FAILED=1
-        FAILURES+=("run aborted (exit $rc)")
-    fi
-    if ((FAILED > 0)); then
-        printf -- "--- failure: %s\n" "${FAILURES[@]}"
-        for f in proxy proxy-badlicense registry token containerd; do
-            [[ -f ${LAB:-/nonexistent}/logs/$f.log ]] || continue
-            echo "--- last lines of $f.log"
-            tail -8 "$LAB/logs/$f.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-400
-        done
-    fi
-    echo "e2e: $PASSED passed, $FAILED failed"
-    ((FAILED == 0)) && ((rc == 0)) || rc=1
-    lab_cleanup "$rc"
-}
-
 lab_init
-trap summary EXIT
-
-# Watchdog: the whole run is bounded. It signals this shell only; the EXIT trap cleans up.
-E2E_TIMEOUT=${E2E_TIMEOUT:-900}
-(
-    trap 'kill "$s" 2>/dev/null; exit 0' TERM
-    sleep "$E2E_TIMEOUT" &
-    s=$!
-    wait "$s" || exit 0
-    echo "e2e: timeout after ${E2E_TIMEOUT}s" >&2
-    kill -TERM $$ 2>/dev/null
-) &
-LAB_PIDS+=("$!")
+trap 'lab_summary e2e proxy proxy-badlicense registry token containerd' EXIT
+# The whole run is bounded.
+lab_watchdog e2e "${E2E_TIMEOUT:-900}"
 T0=$SECONDS
 
 lab_need curl jq docker-registry skopeo containerd ctr runc podman

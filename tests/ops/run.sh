@@ -30,21 +30,6 @@ JOB=registry-incluster-proxy
 # shellcheck source=../../scripts/lab.sh
 source "$ROOT/scripts/lab.sh"
 
-PASSED=0
-FAILED=0
-FAILURES=()
-pass() {
-    PASSED=$((PASSED + 1))
-    printf 'ok   %s\n' "$1"
-}
-fail() {
-    FAILED=$((FAILED + 1))
-    FAILURES+=("$1")
-    printf 'FAIL %s: %s\n' "$1" "${2:-}"
-}
-expect_eq() {
-    if [[ $2 == "$3" ]]; then pass "$1"; else fail "$1" "expected '$2', got '$3'"; fi
-}
 # check NAME CMD...: passes when CMD succeeds; its output is shown on failure.
 check() {
     local name=$1 out
@@ -52,24 +37,8 @@ check() {
     if out=$("$@" 2>&1); then pass "$name"; else fail "$name" "$(printf '%s' "$out" | tail -25)"; fi
 }
 
-summary() {
-    local rc=$?
-    if ((FAILED > 0)) || ((rc != 0)); then
-        ((FAILED == 0)) && FAILED=1 && FAILURES+=("aborted (exit $rc)")
-        echo "--- failures: ${FAILURES[*]}"
-        for f in proxy prometheus registry token; do
-            [[ -f ${LAB:-/nonexistent}/logs/$f.log ]] || continue
-            echo "--- last lines of $f.log"
-            tail -8 "$LAB/logs/$f.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-400
-        done
-    fi
-    echo "ops: $PASSED passed, $FAILED failed"
-    ((FAILED == 0)) && ((rc == 0)) || rc=1
-    lab_cleanup "$rc"
-}
-
 lab_init
-trap summary EXIT
+trap 'lab_summary ops proxy prometheus registry token' EXIT
 
 
 lab_need promtool jq curl openssl docker-registry skopeo
@@ -152,17 +121,7 @@ fi
 lab_build
 # Watchdog: everything after the (cargo-bounded) build is bounded; it signals this shell, whose
 # EXIT trap cleans up.
-OPS_TIMEOUT=${OPS_TIMEOUT:-240}
-(
-    trap 'kill "$s" 2>/dev/null; exit 0' TERM
-    sleep "$OPS_TIMEOUT" &
-    s=$!
-    wait "$s"
-    echo "ops: timed out after ${OPS_TIMEOUT}s" >&2
-    kill -TERM $$ 2>/dev/null
-) &
-WATCHDOG=$!
-LAB_PIDS+=("$WATCHDOG")
+lab_watchdog ops "${OPS_TIMEOUT:-240}"
 lab_start_upstream
 L=$LAB/layout
 read -r MANIFEST LAYER < <(lab_mkimage "$L" v1.0.0 2)
@@ -356,4 +315,3 @@ check "prometheus evaluates every alert rule without error" rules_ok
 firing=$(curl -s "http://$PP/api/v1/alerts" | jq -r '[.data.alerts[].labels.alertname] | join(",")')
 expect_eq "no alert is pending or firing against a healthy proxy" "" "$firing"
 
-kill "$WATCHDOG" 2>/dev/null || true
