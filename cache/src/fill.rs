@@ -38,6 +38,10 @@ pub(crate) struct Progress {
     written: u64,
     /// Terminal state: `Ok` only after the digest matched (and, when persisting, the commit).
     done: Option<Result<(), FillError>>,
+    /// The digest matched: every byte in the spool is correct. Set before the commit
+    /// (fsync + rename), so readers finish without waiting for the disk; a failed commit
+    /// then only means the blob is not kept.
+    verified: bool,
 }
 
 pub(crate) struct FillShared {
@@ -190,14 +194,20 @@ struct Tail {
 impl Tail {
     async fn step(&mut self) -> Result<Option<Bytes>, CacheError> {
         loop {
-            let (file, total, written, done) = {
+            let (file, total, written, done, verified) = {
                 let p = self.rx.borrow_and_update();
-                (p.file.clone(), p.total, p.written, p.done.clone())
+                (
+                    p.file.clone(),
+                    p.total,
+                    p.written,
+                    p.done.clone(),
+                    p.verified,
+                )
             };
-            if let Some(Err(e)) = done {
+            if !verified && let Some(Err(e)) = done {
                 return Err(e.into());
             }
-            let finished = done.is_some();
+            let finished = done.is_some() || verified;
             if self.stop.is_none()
                 && let Some(len) = total.or(finished.then_some(written))
             {
@@ -208,8 +218,7 @@ impl Tail {
             // sends Content-Length, and hyper ends a response as complete once that many
             // bytes went out, so handing over the final byte of a blob that later fails
             // verification would deliver corrupt content as a clean response.
-            let verified = matches!(done, Some(Ok(())));
-            let limit = if verified {
+            let limit = if verified || matches!(done, Some(Ok(()))) {
                 written.min(want)
             } else {
                 written.min(want.saturating_sub(1))
@@ -454,7 +463,10 @@ async fn fill_body(
             actual,
         });
     }
-    shared.tx.send_modify(|p| p.total = Some(written));
+    shared.tx.send_modify(|p| {
+        p.total = Some(written);
+        p.verified = true;
+    });
     if inner.cfg.persist {
         let key = ObjectKey {
             kind: Kind::Blob,

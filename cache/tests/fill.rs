@@ -225,6 +225,8 @@ async fn resume_after_upstream_drop_is_seamless() {
         "Range re-requests at the written offset"
     );
     assert_eq!(h.cache.stats().resumes_total, 2);
+    // Readers finish once the digest matched; the commit follows.
+    fill.wait().await.unwrap();
     assert!(h.cache.verify_blob(&d).await.unwrap());
     h.stop().await;
 }

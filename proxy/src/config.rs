@@ -509,6 +509,7 @@ mod tests {
         assert_eq!(creds.password, "KEY-123");
         let missing = Config::from_args(["p", "--license-file", "/nonexistent/license"]);
         assert!(matches!(missing, Err(ConfigError::File { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
