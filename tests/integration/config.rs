@@ -55,3 +55,42 @@ fn valid_variants_are_accepted() {
         }
     }
 }
+
+/// The binary itself: one clear line on stderr, exit code 64 (`EX_USAGE`), and the
+/// listener never bound (a free port stays free).
+#[test]
+fn binary_exits_64_before_binding() {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/integration-<hash> -> target/<profile>/registry-proxy
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join("registry-proxy");
+    assert!(
+        bin.is_file(),
+        "{} not found: run `cargo build -p registry-proxy` first",
+        bin.display()
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let out = std::process::Command::new(&bin)
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--images-repo", "registry.example.com"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("--images-repo"), "{stderr}");
+    assert!(
+        std::net::TcpListener::bind(addr).is_ok(),
+        "the API port must not have been bound"
+    );
+}
