@@ -17,8 +17,9 @@ step "cargo clippy (workspace, all targets, -D warnings)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "unit, property and integration tests"
-# The kill -9 cache test runs the proxy binary as a child process.
-cargo build --quiet -p registry-proxy
+# Some integration tests run the binaries as child processes (kill -9 mid-fill, exit
+# codes, the controller/proxy contract).
+cargo build --quiet -p registry-proxy -p registry-controller
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
   cargo test --workspace --doc --quiet

@@ -652,7 +652,15 @@ pub fn proxy_env(p: &UpstreamParams, probe_reference: Option<&str>) -> Vec<(Stri
         None => env.push(("CLIENT_AUTH", "none".to_string())),
     }
     if let Some(r) = probe_reference {
-        env.push(("PROBE_REFERENCE", r.to_string()));
+        // The controller's reference names the client-side image
+        // (`system/deckhouse:v1.70.3` or `system/deckhouse@sha256:…`); the proxy probes
+        // inside imagesRepo and takes only the tag or digest.
+        let reference = r
+            .rsplit_once('@')
+            .map(|(_, d)| d)
+            .or_else(|| r.rsplit_once(':').map(|(_, t)| t))
+            .unwrap_or(r);
+        env.push(("PROBE_REFERENCE", reference.to_string()));
     }
     env.into_iter()
         .map(|(k, v)| (format!("REGISTRY_PROXY_{k}"), v))

@@ -160,7 +160,7 @@ pub struct Args {
     /// Interval of the background upstream probe.
     #[arg(long, env = "REGISTRY_PROXY_PROBE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub probe_interval: Duration,
-    /// Tag whose manifest the probe also checks (e.g. the running release).
+    /// Tag or digest whose manifest the probe also checks (e.g. the running release).
     #[arg(long, env = "REGISTRY_PROXY_PROBE_REFERENCE")]
     pub probe_reference: Option<String>,
     /// Fail /readyz while the upstream probe fails.
@@ -372,10 +372,11 @@ impl Config {
         }
         if let Some(r) = &args.probe_reference
             && !crate::path::valid_tag(r)
+            && crate::path::parse_digest(r).is_err()
         {
             return Err(ConfigError::Invalid {
                 flag: "--probe-reference",
-                reason: format!("{r:?} is not a valid tag"),
+                reason: format!("{r:?} is not a valid tag or digest"),
             });
         }
         Ok(Self {

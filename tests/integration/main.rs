@@ -7,6 +7,7 @@ mod alias;
 mod auth;
 mod cache;
 mod config;
+mod contract;
 mod errors;
 mod harness;
 mod metrics;
