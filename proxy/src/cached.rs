@@ -28,7 +28,7 @@ use registry_cache::{BlobSource, Cache, Digest, FillError, SourceBody, SourceErr
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::routes::{self, AppState, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
+use crate::routes::{self, AppState, MANIFEST_ACCEPT};
 use crate::upstream::Upstream;
 
 /// How the proxy uses the cache.
@@ -461,19 +461,7 @@ async fn fetch_manifest(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/vnd.oci.image.manifest.v1+json")
         .to_owned();
-    let bytes = routes::read_bounded(resp, MAX_MANIFEST_BYTES).await?;
-    metrics.upstream_bytes.inc_by(bytes.len() as u64);
-    let computed = routes::sha256_digest(&bytes);
-    let digest = crate::path::parse_digest(&computed)?;
-    if let Some(want) = expected
-        && want.algorithm().as_ref() == "sha256"
-        && *want != digest
-    {
-        tracing::error!(expected = %want, got = %digest, "upstream manifest does not match its digest");
-        return Err(ApiError::integrity(
-            "upstream manifest does not match the requested digest",
-        ));
-    }
+    let (bytes, digest) = routes::read_manifest(resp, expected, metrics).await?;
     {
         let (blobs, children) = manifest_references(&bytes);
         let mut refs = blobs.clone();
@@ -609,7 +597,7 @@ pub async fn manifest_by_tag(
             "cache",
         ));
     }
-    let resolved = revalidate(layer, upstream, remote, tag, scope).await;
+    let resolved = revalidate(layer, upstream, metrics, remote, tag, scope).await;
     let (digest, media_type) = match resolved {
         Ok(v) => v,
         Err(e) if stale_allowed(&e) => {
@@ -689,6 +677,7 @@ fn stale_allowed(e: &ApiError) -> bool {
 async fn revalidate(
     layer: &CacheLayer,
     upstream: &Upstream,
+    metrics: &Arc<Metrics>,
     remote: &str,
     tag: &str,
     scope: &str,
@@ -703,6 +692,7 @@ async fn revalidate(
             s.clone()
         } else {
             let upstream = upstream.clone();
+            let metrics = metrics.clone();
             let path = format!("{remote}/manifests/{tag}");
             let scope = scope.to_owned();
             let cache = layer.cache.clone();
@@ -735,8 +725,7 @@ async fn revalidate(
                         if let Some(e) = routes::upstream_error(&resp, "MANIFEST_UNKNOWN") {
                             return Err(e);
                         }
-                        let bytes = routes::read_bounded(resp, MAX_MANIFEST_BYTES).await?;
-                        crate::path::parse_digest(&routes::sha256_digest(&bytes))?
+                        routes::read_manifest(resp, None, &metrics).await?.1
                     }
                 };
                 if let Err(e) = cache.put_tag(&remote_s, &tag_s, &digest, &media_type).await {

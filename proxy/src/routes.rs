@@ -320,6 +320,29 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(d.as_ref()))
 }
 
+/// Reads a manifest body (bounded), counts it as upstream bytes and computes its digest;
+/// when `expected` is a sha256 digest the bytes must match it. The bytes are never
+/// re-serialised: the digest is over exactly what the upstream sent.
+pub async fn read_manifest(
+    resp: reqwest::Response,
+    expected: Option<&oci_spec::image::Digest>,
+    metrics: &crate::metrics::Metrics,
+) -> Result<(Bytes, oci_spec::image::Digest), ApiError> {
+    let body = read_bounded(resp, MAX_MANIFEST_BYTES).await?;
+    metrics.upstream_bytes.inc_by(body.len() as u64);
+    let digest = path::parse_digest(&sha256_digest(&body))?;
+    if let Some(want) = expected
+        && want.algorithm().as_ref() == "sha256"
+        && *want != digest
+    {
+        tracing::error!(expected = %want, got = %digest, "upstream manifest does not match its digest");
+        return Err(ApiError::integrity(
+            "upstream manifest does not match the requested digest",
+        ));
+    }
+    Ok((body, digest))
+}
+
 /// Manifests are buffered (they are small) so their digest can be checked and provided
 /// when the upstream omits `Docker-Content-Digest`; the bytes are never re-serialised.
 async fn manifest(
@@ -352,20 +375,13 @@ async fn manifest(
     let status = resp.status();
     let mut out_headers = HeaderMap::new();
     copy_headers(resp.headers(), &mut out_headers);
-    let body = read_bounded(resp, MAX_MANIFEST_BYTES).await?;
-    state.metrics.upstream_bytes.inc_by(body.len() as u64);
-    let computed = sha256_digest(&body);
-    if let Reference::Digest(d) = reference
-        && d.algorithm().as_ref() == "sha256"
-        && d.to_string() != computed
-    {
-        tracing::error!(expected = %d, got = %computed, "upstream manifest does not match its digest");
-        return Err(ApiError::integrity(
-            "upstream manifest does not match the requested digest",
-        ));
-    }
+    let expected = match reference {
+        Reference::Digest(d) => Some(d),
+        Reference::Tag(_) => None,
+    };
+    let (body, computed) = read_manifest(resp, expected, &state.metrics).await?;
     if !out_headers.contains_key("docker-content-digest")
-        && let Ok(v) = HeaderValue::from_str(&computed)
+        && let Ok(v) = HeaderValue::from_str(computed.as_ref())
     {
         out_headers.insert("docker-content-digest", v);
     }
