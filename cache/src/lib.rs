@@ -401,6 +401,14 @@ impl Cache {
         Fill::new(shared, true)
     }
 
+    /// Joins the fill running for `digest` without starting one (e.g. to answer a `HEAD`
+    /// from its length instead of asking the upstream).
+    pub fn in_flight(&self, digest: &Digest) -> Option<Fill> {
+        let hex = Hex::from_digest(digest).ok()?;
+        let shared = self.inner.inflight.get(&hex).map(|e| e.value().clone())?;
+        Some(Fill::new(shared, false))
+    }
+
     /// A cached manifest by digest; re-hashed on every read (manifests are small), a corrupt one
     /// is removed and reported as a miss.
     pub async fn manifest(&self, digest: &Digest) -> Result<Option<CachedManifest>, CacheError> {

@@ -318,7 +318,24 @@ pub async fn blob(
         }
     }
     let path = format!("{remote}/blobs/{digest}");
-    // HEAD never starts a fill; non-sha256 digests cannot be verified by the cache.
+    // A HEAD while the blob is being filled is answered from the fill's length; HEAD never
+    // starts a fill; non-sha256 digests cannot be verified by the cache.
+    if head
+        && sha256
+        && let Some(fill) = layer.cache.in_flight(digest)
+        && let Ok(len) = fill.meta().await
+    {
+        metrics.cache("blob", "coalesced");
+        return blob_response(
+            digest,
+            len,
+            req_headers,
+            true,
+            metrics,
+            "upstream",
+            |s, e| fill.reader(s, e),
+        );
+    }
     if head || !sha256 {
         metrics.cache("blob", "miss");
         return upstream_blob(upstream, metrics, method, &path, req_headers, scope).await;

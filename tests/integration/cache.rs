@@ -376,6 +376,39 @@ async fn range_on_a_hit_and_on_an_in_flight_fill() {
     assert!(cold_gets[0].range.is_none());
 }
 
+/// A HEAD while the blob is being filled is answered from the fill (its length), not by
+/// another upstream request.
+#[tokio::test]
+async fn head_during_a_fill_is_answered_from_the_fill() {
+    let up = FakeUpstream::start().await;
+    let blob = Blob::random(1024 * 1024);
+    up.push_blob(&blob);
+    up.on(Rule::exact(up_blob(&blob), slow(64 * 1024, 40)).method("GET"));
+    let dir = TempDir::new().unwrap();
+    let px = cached_proxy(up.proxy_args(), dir.path(), &[]).await;
+    let c = test_client();
+    let mut r = c.get(px.url(&client_blob(&blob))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.chunk().await.unwrap().expect("first chunk");
+    let head = c.head(px.url(&client_blob(&blob))).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        head.headers()[header::CONTENT_LENGTH],
+        blob.size().to_string().as_str()
+    );
+    assert_eq!(
+        head.headers()["docker-content-digest"],
+        blob.digest.as_str()
+    );
+    assert_eq!(
+        up.requests("HEAD", &up_blob(&blob)),
+        0,
+        "HEAD went upstream"
+    );
+    assert_eq!(up.requests("GET", &up_blob(&blob)), 1);
+    drop(r);
+}
+
 #[tokio::test]
 async fn client_disconnect_mid_body_does_not_cancel_the_fill() {
     let up = FakeUpstream::start().await;
