@@ -138,6 +138,13 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
     let query = filtered_query(&route, req.uri.query());
     let result = match &route {
         Route::Manifest { reference, .. } => match (&state.cache, reference) {
+            // A tag is resolved (and cached) for the full Accept list; a client accepting
+            // fewer types gets exactly what the upstream would give it. A digest names
+            // one content, so there is nothing to negotiate.
+            (Some(_), Reference::Tag(_)) if !accepts_every_manifest_type(&req.headers) => {
+                state.metrics.cache("manifest", "bypass");
+                manifest(state, &method, &remote, reference, &req.headers, &scope).await
+            }
             (Some(c), Reference::Digest(d)) => {
                 crate::cached::manifest_by_digest(state, c, &method, &remote, d, &scope).await
             }
@@ -182,6 +189,32 @@ fn base_response() -> Response {
         "{}",
     )
         .into_response()
+}
+
+/// The manifest media types a pull may resolve to.
+const MANIFEST_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// Whether the client accepts every manifest type (or sent no `Accept`, or a wildcard):
+/// containerd, podman, skopeo and docker all do. Several `Accept` lines and
+/// comma-separated values with parameters are understood.
+fn accepts_every_manifest_type(headers: &HeaderMap) -> bool {
+    let mut seen: Vec<String> = Vec::new();
+    for v in headers.get_all(header::ACCEPT) {
+        let Ok(v) = v.to_str() else { continue };
+        for item in v.split(',') {
+            let media = item.split(';').next().unwrap_or_default().trim();
+            seen.push(media.to_ascii_lowercase());
+        }
+    }
+    if seen.is_empty() || seen.iter().any(|m| m == "*/*" || m == "application/*") {
+        return true;
+    }
+    MANIFEST_TYPES.iter().all(|t| seen.iter().any(|m| m == t))
 }
 
 /// Keeps only the query parameters an endpoint understands; containerd's `ns` and
@@ -476,6 +509,30 @@ mod tests {
             ),
             r#"</v2/system/deckhouse/tags/list?last=b&n=2>; rel="next""#
         );
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        let mut h = HeaderMap::new();
+        assert!(accepts_every_manifest_type(&h));
+        h.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        assert!(accepts_every_manifest_type(&h));
+        let mut h = HeaderMap::new();
+        for t in MANIFEST_TYPES {
+            h.append(header::ACCEPT, HeaderValue::from_static(t));
+        }
+        assert!(
+            accepts_every_manifest_type(&h),
+            "one type per line (containers/image)"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"),
+        );
+        assert!(!accepts_every_manifest_type(&h));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        assert!(accepts_every_manifest_type(&h));
     }
 
     #[test]

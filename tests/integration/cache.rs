@@ -873,6 +873,52 @@ async fn manifest_by_digest_is_served_from_cache() {
     assert_eq!(upstream, 1, "manifest by digest must be fetched once");
 }
 
+/// A client that accepts only some manifest types pulls a tag exactly as the upstream
+/// would answer it: its own Accept goes upstream and the cache is bypassed.
+#[tokio::test]
+async fn narrow_accept_on_a_tag_is_negotiated_upstream() {
+    let up = FakeUpstream::start().await;
+    let index = registry_tests::Index::new(vec![Image::random(&[64]), Image::random(&[64])]);
+    up.push_index(UPSTREAM_REPO, Some("multi"), &index);
+    let dir = TempDir::new().unwrap();
+    let px = cached_proxy(up.proxy_args(), dir.path(), &[]).await;
+    let c = test_client();
+    let full = c
+        .get(px.url(&client_manifest("multi")))
+        .header(header::ACCEPT, "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(full.status(), 200);
+    assert_eq!(full.bytes().await.unwrap(), index.manifest.data);
+    let narrow = c
+        .get(px.url(&client_manifest("multi")))
+        .header(header::ACCEPT, OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    let last = up
+        .request_log()
+        .into_iter()
+        .rfind(|r| r.path == up_manifest("multi"))
+        .expect("the narrow pull reached the upstream");
+    assert_eq!(
+        last.accept,
+        vec![OCI_MANIFEST.to_owned()],
+        "client Accept forwarded"
+    );
+    assert_ne!(narrow.status(), 500);
+    assert_eq!(
+        metric(
+            &px,
+            "registry_proxy_cache_requests_total",
+            &[("kind", "manifest"), ("result", "bypass")]
+        )
+        .await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn tag_pull_revalidates_with_one_coalesced_head() {
     let up = FakeUpstream::start().await;
