@@ -136,11 +136,15 @@ lab_build() {
     [[ -x $TOKEN_BIN ]] || lab_die "no token server binary at $TOKEN_BIN"
 }
 
-# A TCP port on 127.0.0.1 nobody listens on right now (random in 20000-39999).
+# A TCP port on 127.0.0.1 nobody listens on right now, chosen below the kernel's ephemeral
+# range: a port that only outgoing connections use looks free to a connect test but cannot
+# be bound (EADDRINUSE), which made a lab server fail to start now and then.
 lab_free_port() {
-    local p n
+    local p n lo=10000 hi
+    hi=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+    ((hi > lo + 1000)) || hi=32768
     for n in $(seq 1 200); do
-        p=$((20000 + (RANDOM * 32768 + RANDOM) % 20000))
+        p=$((lo + (RANDOM * 32768 + RANDOM) % (hi - lo)))
         # shellcheck disable=SC2188
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             echo "$p"
