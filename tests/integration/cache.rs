@@ -1268,43 +1268,47 @@ async fn free_port() -> SocketAddr {
 
 impl ProxyProcess {
     async fn spawn(up: &FakeUpstream, dir: &Path) -> Self {
-        let (addr, metrics) = (free_port().await, free_port().await);
-        let child = Command::new(proxy_binary())
-            .args(up.proxy_args())
-            .arg("--cache-dir")
-            .arg(dir)
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--metrics-listen",
-                &metrics.to_string(),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut p = Self { child, addr };
-        let c = test_client();
-        let start = Instant::now();
-        loop {
-            if let Ok(r) = c.get(format!("http://{addr}/v2/")).send().await
-                && r.status().as_u16() < 500
-            {
-                break;
+        // A port released by `free_port` can be taken by another connection before the
+        // child binds it; a child that exits at start-up is retried on fresh ports.
+        for attempt in 1..=3 {
+            let (addr, metrics) = (free_port().await, free_port().await);
+            let child = Command::new(proxy_binary())
+                .args(up.proxy_args())
+                .arg("--cache-dir")
+                .arg(dir)
+                .args([
+                    "--listen",
+                    &addr.to_string(),
+                    "--metrics-listen",
+                    &metrics.to_string(),
+                ])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            let mut p = Self { child, addr };
+            let c = test_client();
+            let start = Instant::now();
+            loop {
+                if let Ok(r) = c.get(format!("http://{addr}/v2/")).send().await
+                    && r.status().as_u16() < 500
+                {
+                    return p;
+                }
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    assert!(attempt < 3, "proxy exited at start-up: {status}");
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "proxy did not start"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            if let Ok(Some(status)) = p.child.try_wait() {
-                panic!("proxy exited at start-up: {status}");
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "proxy did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        p.addr = addr;
-        p
+        unreachable!("the last attempt either returns or panics")
     }
 
     fn url(&self, path: &str) -> String {
