@@ -11,9 +11,6 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use registry_auth::Credentials;
 
-/// The user name Deckhouse pairs with a license key.
-pub const LICENSE_USERNAME: &str = "license-token";
-
 /// Deckhouse's `imagesRepo` pattern (module config schema), trailing `/` already trimmed.
 static IMAGES_REPO: LazyLock<regex::Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
@@ -311,22 +308,20 @@ impl Config {
                 reason: format!("{:?} is not a valid repository name", args.path_alias),
             });
         }
+        // The same loaders as the live reload, so a file means the same credentials at
+        // start-up and after a Secret update.
         let credentials = if let Some(path) = &args.license_file {
-            Some(Credentials {
-                username: LICENSE_USERNAME.to_owned(),
-                password: read_secret("--license-file", path)?,
-            })
+            let bytes = read_file("--license-file", path)?;
+            Some(
+                Credentials::from_license(&bytes)
+                    .map_err(|e| secret_error("--license-file", path, &e))?,
+            )
         } else if let (Some(user), Some(path)) = (&args.username, &args.password_file) {
-            if user.is_empty() || user.contains(':') {
-                return Err(ConfigError::Invalid {
-                    flag: "--username",
-                    reason: "must be non-empty and contain no ':'".to_owned(),
-                });
-            }
-            Some(Credentials {
-                username: user.clone(),
-                password: read_secret("--password-file", path)?,
-            })
+            let bytes = read_file("--password-file", path)?;
+            Some(
+                Credentials::from_password_file(user, &bytes)
+                    .map_err(|e| secret_error("--password-file", path, &e))?,
+            )
         } else {
             None
         };
@@ -403,24 +398,21 @@ fn file_error(flag: &'static str, path: &std::path::Path, e: &std::io::Error) ->
     }
 }
 
-/// Reads a one-line secret; surrounding whitespace (a trailing newline from `echo`) is
-/// not part of it.
-pub fn read_secret(flag: &'static str, path: &std::path::Path) -> Result<String, ConfigError> {
-    let raw = std::fs::read(path).map_err(|e| file_error(flag, path, &e))?;
-    let text = String::from_utf8(raw).map_err(|_| ConfigError::File {
+/// Reads a secret file (contents never appear in errors).
+fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| file_error(flag, path, &e))
+}
+
+fn secret_error(
+    flag: &'static str,
+    path: &std::path::Path,
+    e: &registry_auth::Error,
+) -> ConfigError {
+    ConfigError::File {
         flag,
         path: path.display().to_string(),
-        reason: "not UTF-8".to_owned(),
-    })?;
-    let secret = text.trim();
-    if secret.is_empty() {
-        return Err(ConfigError::File {
-            flag,
-            path: path.display().to_string(),
-            reason: "file is empty".to_owned(),
-        });
+        reason: e.to_string(),
     }
-    Ok(secret.to_owned())
 }
 
 fn validate_cache_dir(dir: &std::path::Path) -> Result<(), ConfigError> {
