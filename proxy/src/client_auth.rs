@@ -13,7 +13,7 @@ use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, header};
 use registry_auth::client::{
     ClientAuth, ClientAuthConfig, ClientAuthMode, Htpasswd, SigningKey, TokenRequest,
     basic_challenge, bearer_challenge,
@@ -138,12 +138,17 @@ impl Edge {
                 Ok(())
             }
             Err(e) => {
-                let result = match e {
-                    AuthError::Unauthenticated => "challenged",
-                    AuthError::InsufficientScope => "insufficient_scope",
-                    AuthError::MalformedAuthorization => "malformed",
-                    AuthError::InvalidToken(_) => "invalid_token",
-                    _ => "invalid_credentials",
+                let (result, message) = match e {
+                    AuthError::Unauthenticated => ("challenged", "authentication required"),
+                    AuthError::InsufficientScope => (
+                        "insufficient_scope",
+                        "token does not grant access to this repository",
+                    ),
+                    AuthError::MalformedAuthorization => {
+                        ("malformed", "malformed authorization header")
+                    }
+                    AuthError::InvalidToken(_) => ("invalid_token", "invalid or expired token"),
+                    _ => ("invalid_credentials", "invalid credentials"),
                 };
                 self.metrics.client_auth.with_label_values(&[result]).inc();
                 let realm = format!(
@@ -154,15 +159,6 @@ impl Edge {
                 let challenge = bearer_challenge(&realm, self.auth.service(), repository);
                 let value = HeaderValue::from_str(&challenge)
                     .unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"/auth/token\""));
-                let message = match e {
-                    AuthError::Unauthenticated => "authentication required",
-                    AuthError::InsufficientScope => {
-                        "token does not grant access to this repository"
-                    }
-                    AuthError::MalformedAuthorization => "malformed authorization header",
-                    AuthError::InvalidToken(_) => "invalid or expired token",
-                    _ => "invalid credentials",
-                };
                 Err(ApiError::unauthorized(value, message))
             }
         }
@@ -238,11 +234,7 @@ async fn token_inner(edge: &Edge, req: Request) -> Result<Response, ApiError> {
             };
             let challenge = HeaderValue::from_str(&basic_challenge())
                 .unwrap_or_else(|_| HeaderValue::from_static("Basic realm=\"Registry server\""));
-            let mut err = ApiError::unauthorized(challenge, status_msg);
-            if err.status() != StatusCode::UNAUTHORIZED {
-                err = ApiError::internal("unexpected auth state");
-            }
-            Err(err)
+            Err(ApiError::unauthorized(challenge, status_msg))
         }
     }
 }
