@@ -180,12 +180,18 @@ fn fill_error(e: &FillError) -> ApiError {
 
 /// Headers of a blob response.
 fn blob_headers(digest: &Digest, len: u64) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    let mut h = content_headers("application/octet-stream", digest, len);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h
+}
+
+/// `Content-Type`, `Docker-Content-Digest`, `ETag` and `Content-Length` of content served
+/// from the cache (or a fill).
+fn content_headers(media_type: &str, digest: &Digest, len: u64) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(media_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
     if let Ok(v) = HeaderValue::from_str(digest.as_ref()) {
         h.insert("docker-content-digest", v);
     }
@@ -421,21 +427,8 @@ fn manifest_response(
     metrics: &Arc<Metrics>,
     source: &'static str,
 ) -> Response {
-    let mut h = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(media_type) {
-        h.insert(header::CONTENT_TYPE, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(digest.as_ref()) {
-        h.insert("docker-content-digest", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
-        h.insert(header::ETAG, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&bytes.len().to_string()) {
-        h.insert(header::CONTENT_LENGTH, v);
-    }
     let mut resp = Response::new(Body::empty());
-    *resp.headers_mut() = h;
+    *resp.headers_mut() = content_headers(media_type, digest, bytes.len() as u64);
     if !head {
         metrics
             .bytes_served
