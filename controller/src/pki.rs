@@ -8,8 +8,8 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
+use crate::Result;
 use crate::consts::{NAMESPACE, SERVICE_NAME};
-use crate::{Error, Result};
 
 /// CA common name (legacy `pki/state.go`).
 pub const CA_COMMON_NAME: &str = "registry-ca";
@@ -144,14 +144,12 @@ pub fn leaf_needs_renewal(
     na - LEAF_RENEW_BEFORE <= now
 }
 
-/// 32 random bytes, hex: the HMAC key every proxy replica signs and verifies client tokens with.
+/// The key every proxy replica signs and verifies client Bearer tokens with
+/// (`--token-key-file`): an ECDSA P-256 private key in PKCS#8 PEM, which the proxy loads
+/// as an ES256 signing key. Shared through the config Secret, so a token issued by one
+/// replica verifies on every other.
 pub fn generate_token_key() -> Result<String> {
-    let mut buf = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut buf).map_err(|_| Error::Encode {
-        what: "token key".into(),
-        reason: "system random source failed".into(),
-    })?;
-    Ok(hex::encode(buf))
+    Ok(KeyPair::generate()?.serialize_pem())
 }
 
 #[cfg(test)]
@@ -247,11 +245,10 @@ mod tests {
     }
 
     #[test]
-    fn token_keys_are_random_hex() {
+    fn token_keys_are_fresh_pkcs8_pem() {
         let a = generate_token_key().unwrap();
         let b = generate_token_key().unwrap();
-        assert_eq!(a.len(), 64);
+        assert!(a.starts_with("-----BEGIN PRIVATE KEY-----"), "{a}");
         assert_ne!(a, b);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
     }
 }

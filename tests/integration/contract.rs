@@ -1,8 +1,9 @@
 //! The controller and the proxy agree: every `REGISTRY_PROXY_*` variable the controller
 //! renders into the proxy's Deployment is a flag the proxy knows, and the whole rendered
-//! environment is a configuration the proxy accepts (with the `/config` files it points
-//! at present). Both binaries run as child processes; the controller crate is not linked
-//! into this test binary (it stands alone).
+//! environment, with the files of the rendered config Secret mounted at `/config`, is a
+//! configuration the proxy accepts and starts client auth with (the token key included).
+//! Both binaries run as child processes; the controller crate is not linked into this
+//! test binary (it stands alone).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,25 +22,54 @@ fn binary(name: &str) -> PathBuf {
     bin
 }
 
-/// `- name: X` / `value: Y` pairs of the proxy container in the rendered YAML.
-fn proxy_env(yaml: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut lines = yaml.lines().map(str::trim).peekable();
-    while let Some(line) = lines.next() {
-        let Some(name) = line.strip_prefix("- name: ") else {
-            continue;
-        };
-        if !name.starts_with("REGISTRY_PROXY_") {
-            continue;
-        }
-        let value = lines
-            .peek()
-            .and_then(|l| l.strip_prefix("value: "))
-            .map(|v| v.trim_matches('"').to_owned())
-            .unwrap_or_default();
-        out.push((name.to_owned(), value));
-    }
-    out
+/// The parsed multi-document output of `registry-controller render`.
+fn documents(yaml: &str) -> Vec<serde_json::Value> {
+    serde_saphyr::from_str_multiple(yaml).expect("render prints valid YAML")
+}
+
+/// `REGISTRY_PROXY_*` variables of the proxy container.
+fn proxy_env(docs: &[serde_json::Value]) -> Vec<(String, String)> {
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "registry-incluster-proxy")
+        .expect("proxy Deployment rendered");
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("proxy env")
+        .iter()
+        .filter_map(|e| {
+            let name = e["name"].as_str()?;
+            name.starts_with("REGISTRY_PROXY_").then(|| {
+                (
+                    name.to_owned(),
+                    e["value"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The files of the rendered `registry-incluster-proxy-config` Secret (base64 `data`).
+fn config_files(docs: &[serde_json::Value]) -> Vec<(String, Vec<u8>)> {
+    use base64::Engine as _;
+    let secret = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "Secret" && d["metadata"]["name"] == "registry-incluster-proxy-config"
+        })
+        .expect("proxy config Secret rendered");
+    secret["data"]
+        .as_object()
+        .expect("config Secret data")
+        .iter()
+        .map(|(k, v)| {
+            let b64: String = v.as_str().unwrap_or_default().split_whitespace().collect();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap_or_else(|e| panic!("{k}: {e}"));
+            (k.clone(), bytes)
+        })
+        .collect()
 }
 
 fn render(module_config: &str, extra: &[&str]) -> String {
@@ -62,10 +92,12 @@ fn module_config(direct: &str) -> String {
     )
 }
 
-/// Replaces `/config/...` and `/cache` with real files and directories, as the Secret
-/// and emptyDir volumes would provide them, and turns the environment into flags.
-fn as_flags(env: &[(String, String)], dir: &Path) -> Vec<String> {
-    let ca = rcgen::generate_simple_self_signed(vec!["registry.d8-system.svc".to_owned()]).unwrap();
+/// Writes the Secret's files where the volume would mount them, points `/config/...` and
+/// `/cache` there, and turns the environment into flags.
+fn as_flags(env: &[(String, String)], files: &[(String, Vec<u8>)], dir: &Path) -> Vec<String> {
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
     let mut flags = Vec::new();
     for (name, value) in env {
         let flag = format!(
@@ -76,12 +108,10 @@ fn as_flags(env: &[(String, String)], dir: &Path) -> Vec<String> {
         );
         let value = if let Some(file) = value.strip_prefix("/config/") {
             let path = dir.join(file);
-            let content = match file {
-                "tls.crt" | "upstream-ca.crt" => ca.cert.pem(),
-                "tls.key" => ca.signing_key.serialize_pem(),
-                _ => "secret-value\n".to_owned(),
-            };
-            std::fs::write(&path, content).unwrap();
+            assert!(
+                path.is_file(),
+                "{name} names /config/{file}, which the Secret lacks"
+            );
             path.display().to_string()
         } else if value == "/cache" {
             dir.join("cache").display().to_string()
@@ -101,6 +131,15 @@ fn rendered_proxy_environment_is_accepted_by_the_proxy() {
         .output()
         .unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
+    // A real certificate: the proxy builds its upstream TLS client from this file.
+    let upstream_ca = rcgen::generate_simple_self_signed(vec!["registry.example.com".to_owned()])
+        .unwrap()
+        .cert
+        .pem();
+    let ca: String = upstream_ca
+        .lines()
+        .map(|l| format!("          {l}\n"))
+        .collect();
     let cases = [
         // License, HTTPS, probe reference from the controller's client-side image name.
         (
@@ -111,9 +150,9 @@ fn rendered_proxy_environment_is_accepted_by_the_proxy() {
         ),
         // Custom user, upstream CA, digest probe reference.
         (
-            module_config(
-                "        imagesRepo: registry.example.com:5443/mirror/dkp\n        scheme: HTTPS\n        username: robot\n        password: pw\n        ca: |\n          -----BEGIN CERTIFICATE-----\n          MIIB\n          -----END CERTIFICATE-----\n",
-            ),
+            module_config(&format!(
+                "        imagesRepo: registry.example.com:5443/mirror/dkp\n        scheme: HTTPS\n        username: robot\n        password: pw\n        ca: |\n{ca}"
+            )),
             vec![
                 "--probe-reference",
                 "system/deckhouse@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
@@ -126,9 +165,9 @@ fn rendered_proxy_environment_is_accepted_by_the_proxy() {
         ),
     ];
     for (mc, extra) in &cases {
-        let yaml = render(mc, extra);
-        let env = proxy_env(&yaml);
-        assert!(env.len() >= 8, "proxy environment not found in:\n{yaml}");
+        let docs = documents(&render(mc, extra));
+        let env = proxy_env(&docs);
+        assert!(env.len() >= 8, "proxy environment too small: {env:?}");
         for (name, _) in &env {
             assert!(
                 help.contains(&format!("[env: {name}=")),
@@ -136,9 +175,14 @@ fn rendered_proxy_environment_is_accepted_by_the_proxy() {
             );
         }
         let dir = tempfile::tempdir().unwrap();
-        let flags = as_flags(&env, dir.path());
+        let flags = as_flags(&env, &config_files(&docs), dir.path());
         let config = parse_config(&flags)
             .unwrap_or_else(|e| panic!("proxy rejects the rendered environment {env:?}: {e}"));
+        // What `run` does next with the files: the token key and htpasswd must load.
+        let metrics = std::sync::Arc::new(registry_proxy::metrics::Metrics::new());
+        registry_proxy::client_auth::build(&config, metrics).unwrap_or_else(|e| {
+            panic!("proxy cannot start client auth from the rendered files: {e}")
+        });
         assert_eq!(config.alias, "system/deckhouse");
         assert_eq!(config.args.listen.port(), 5001);
         assert_eq!(config.args.metrics_listen.port(), 5002);
