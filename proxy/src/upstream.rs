@@ -220,18 +220,15 @@ impl Drop for BodyTimer {
 
 fn auth_error(e: registry_auth::Error) -> ApiError {
     tracing::warn!(error = %e, "upstream authentication failed");
-    match &e {
+    // A fetch shared by concurrent requests carries its cause inside.
+    let cause = match &e {
+        registry_auth::Error::Shared(inner) => inner.as_ref(),
+        other => other,
+    };
+    match cause {
         registry_auth::Error::TokenStatus { status, .. } if *status == 401 || *status == 403 => {
             ApiError::upstream_denied(*status)
         }
-        registry_auth::Error::Shared(inner) => match inner.as_ref() {
-            registry_auth::Error::TokenStatus { status, .. }
-                if *status == 401 || *status == 403 =>
-            {
-                ApiError::upstream_denied(*status)
-            }
-            other => ApiError::upstream_auth(&other.to_string()),
-        },
         other => ApiError::upstream_auth(&other.to_string()),
     }
 }
