@@ -134,3 +134,25 @@ pub async fn dead_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     l.local_addr().expect("addr").port()
 }
+
+/// Asserts that a GET of the manifest, blob and tag-list routes of every name in `names`
+/// is refused with `status` and OCI `code`, with a `detail` naming what was wrong.
+pub async fn assert_every_route_refused(px: &ProxyHandle, names: &[&str], status: u16, code: &str) {
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let c = crate::test_client();
+    for name in names {
+        for suffix in [
+            "manifests/v1".to_owned(),
+            format!("blobs/{DIGEST}"),
+            "tags/list".to_owned(),
+        ] {
+            let r = c
+                .get(px.url(&format!("/v2/{name}/{suffix}")))
+                .send()
+                .await
+                .expect("request to the proxy");
+            let e = crate::client::assert_oci_error(r, status, code).await;
+            assert!(e.detail.is_some(), "{name}/{suffix}: {code} without detail");
+        }
+    }
+}
