@@ -116,6 +116,7 @@ pub async fn run(
         metrics.clone(),
         observe::layer,
     ));
+    let ops_stop = CancellationToken::new();
     let ops_task = metrics_listener.map(|l| {
         tracing::info!(addr = %server::local(&l), "serving metrics and health");
         let ops_app = ops::app(
@@ -124,13 +125,15 @@ pub async fn run(
             probe.clone(),
             config.args.strict_readiness,
         );
-        let token = shutdown.clone();
+        // The ops port outlives the API's drain so that `/readyz` can answer 503 (not
+        // refuse connections) while in-flight pulls finish.
         tokio::spawn(server::serve(
             l,
             ops_app,
             None,
-            token,
+            ops_stop.clone(),
             std::time::Duration::from_secs(1),
+            server::Limits::ops(),
         ))
     });
     tracing::info!(
@@ -142,8 +145,29 @@ pub async fn run(
         "serving registry API"
     );
     ready.set_ready(true);
-    let result = server::serve(listener, app, tls, shutdown, config.args.shutdown_grace).await;
+    {
+        let ready = ready.clone();
+        let shutdown = shutdown.clone();
+        let background = background.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => ready.set_ready(false),
+                () = background.cancelled() => {}
+            }
+        });
+    }
+    let limits = server::Limits::from_args(&config.args);
+    let result = server::serve(
+        listener,
+        app,
+        tls,
+        shutdown,
+        config.args.shutdown_grace,
+        limits,
+    )
+    .await;
     ready.set_ready(false);
+    ops_stop.cancel();
     if let Some(t) = ops_task {
         let _ = t.await;
     }

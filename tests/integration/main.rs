@@ -8,6 +8,7 @@ mod auth;
 mod cache;
 mod config;
 mod contract;
+mod edge;
 mod errors;
 mod harness;
 mod metrics;
