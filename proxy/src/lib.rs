@@ -8,6 +8,7 @@
 //! - [`path`]: the `/v2/` path grammar, name/tag/digest validation and the
 //!   `system/deckhouse` alias.
 //! - [`routes`]: the API handlers: validate, map, authorise, answer from the upstream.
+//! - [`range`]: `Range`, `If-Range` and `If-None-Match` against a digest's ETag.
 //! - [`cached`]: serving blobs and manifests through `registry-cache` (hits, single-flight
 //!   streaming misses, tag revalidation with stale-if-error, prefetch).
 //! - [`client_auth`]: `/auth/token`, the client check in front of `/v2/` and live reload
@@ -33,6 +34,7 @@ pub mod observe;
 pub mod ops;
 pub mod path;
 pub mod probe;
+pub mod range;
 pub mod routes;
 pub mod server;
 pub mod tls;

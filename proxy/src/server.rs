@@ -333,6 +333,14 @@ async fn respond(
     req: http::Request<Incoming>,
 ) -> axum::response::Response {
     let busy = activity.begin();
+    // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is a 400; two Hosts
+    // are how request smuggling between proxies that pick different ones starts.
+    let hosts = req.headers().get_all(http::header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && req.version() == http::Version::HTTP_11) {
+        return ApiError::bad_request("a request needs exactly one Host header")
+            .into_response()
+            .map(|b| Body::new(Tracked::new(b, busy, None)));
+    }
     let Ok(Ok(slot)) = tokio::time::timeout(STREAM_SLOT_WAIT, streams.acquire_owned()).await else {
         return ApiError::busy()
             .into_response()

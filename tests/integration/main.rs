@@ -13,6 +13,7 @@ mod errors;
 mod harness;
 mod metrics;
 mod ops;
+mod rfc;
 mod routes;
 mod shutdown;
 mod streaming;
