@@ -13,7 +13,6 @@
 //! straight from the upstream (`routes::passthrough`).
 
 use std::collections::HashMap;
-use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +21,6 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::{StreamExt, TryStreamExt};
-use headers::HeaderMapExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use registry_cache::{BlobSource, Cache, Digest, FillError, SourceBody, SourceError};
 
@@ -204,42 +202,6 @@ fn content_headers(media_type: &str, digest: &Digest, len: u64) -> HeaderMap {
     h
 }
 
-/// The single byte range a request asks for, if any and if satisfiable. Several ranges
-/// are answered with the whole blob (RFC 9110 allows ignoring Range).
-enum Wanted {
-    All,
-    Range(u64, u64),
-    Unsatisfiable,
-}
-
-fn wanted_range(headers: &HeaderMap, len: u64) -> Wanted {
-    let Some(range) = headers.typed_get::<headers::Range>() else {
-        return Wanted::All;
-    };
-    let ranges: Vec<_> = range.satisfiable_ranges(len).collect();
-    match ranges.as_slice() {
-        [] => Wanted::Unsatisfiable,
-        [(start, end)] => {
-            let s = match start {
-                Bound::Included(s) => *s,
-                Bound::Excluded(s) => s.saturating_add(1),
-                Bound::Unbounded => 0,
-            };
-            let e = match end {
-                Bound::Included(e) => (*e).min(len.saturating_sub(1)),
-                Bound::Excluded(e) => e.saturating_sub(1).min(len.saturating_sub(1)),
-                Bound::Unbounded => len.saturating_sub(1),
-            };
-            if len == 0 || s > e {
-                Wanted::Unsatisfiable
-            } else {
-                Wanted::Range(s, e)
-            }
-        }
-        _ => Wanted::All,
-    }
-}
-
 /// Builds a 200/206/416 blob response around a reader factory.
 fn blob_response(
     digest: &Digest,
@@ -251,9 +213,10 @@ fn blob_response(
     reader: impl FnOnce(u64, u64) -> registry_cache::BlobStream,
 ) -> Result<Response, ApiError> {
     let mut headers = blob_headers(digest, len);
-    let (status, start, end) = match wanted_range(req_headers, len) {
-        Wanted::All => (StatusCode::OK, 0, len.saturating_sub(1)),
-        Wanted::Range(s, e) => {
+    let etag = crate::range::etag_for(digest.as_ref());
+    let (status, start, end) = match crate::range::wanted(req_headers, len, etag.as_ref()) {
+        crate::range::Wanted::All => (StatusCode::OK, 0, len.saturating_sub(1)),
+        crate::range::Wanted::Range(s, e) => {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes {s}-{e}/{len}")) {
                 headers.insert(header::CONTENT_RANGE, v);
             }
@@ -262,7 +225,7 @@ fn blob_response(
             }
             (StatusCode::PARTIAL_CONTENT, s, e)
         }
-        Wanted::Unsatisfiable => {
+        crate::range::Wanted::Unsatisfiable => {
             let mut resp = ApiError::range_not_satisfiable(len).into_response_with(|h| {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                     h.insert(header::CONTENT_RANGE, v);
@@ -770,22 +733,6 @@ async fn revalidate(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ranges() {
-        let mut h = HeaderMap::new();
-        assert!(matches!(wanted_range(&h, 100), Wanted::All));
-        h.insert(header::RANGE, HeaderValue::from_static("bytes=10-19"));
-        assert!(matches!(wanted_range(&h, 100), Wanted::Range(10, 19)));
-        h.insert(header::RANGE, HeaderValue::from_static("bytes=90-"));
-        assert!(matches!(wanted_range(&h, 100), Wanted::Range(90, 99)));
-        h.insert(header::RANGE, HeaderValue::from_static("bytes=-5"));
-        assert!(matches!(wanted_range(&h, 100), Wanted::Range(95, 99)));
-        h.insert(header::RANGE, HeaderValue::from_static("bytes=200-300"));
-        assert!(matches!(wanted_range(&h, 100), Wanted::Unsatisfiable));
-        h.insert(header::RANGE, HeaderValue::from_static("bytes=0-1,5-6"));
-        assert!(matches!(wanted_range(&h, 100), Wanted::All));
-    }
 
     #[test]
     fn references() {

@@ -169,6 +169,37 @@ pub struct Args {
     /// How often secret and certificate files are checked for changes.
     #[arg(long, env = "REGISTRY_PROXY_RELOAD_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
+    /// API connections served at once; more wait in the accept backlog. Lowered at
+    /// start-up to fit the open-file limit.
+    #[arg(long, env = "REGISTRY_PROXY_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Responses in flight at once over all API connections; a request that finds no slot
+    /// within 5s gets 503 with Retry-After.
+    #[arg(long, env = "REGISTRY_PROXY_MAX_STREAMS", default_value_t = 512)]
+    pub max_streams: usize,
+    /// HTTP/2 concurrent streams per connection.
+    #[arg(long, env = "REGISTRY_PROXY_H2_MAX_STREAMS", default_value_t = 32)]
+    pub h2_max_streams: u32,
+    /// Bytes buffered per stream for a client that does not read (h1 write buffer, h2
+    /// send buffer), 8KiB to 16MiB.
+    #[arg(long, env = "REGISTRY_PROXY_STREAM_BUFFER", default_value = "64KiB", value_parser = parse_size_usize)]
+    pub stream_buffer: usize,
+    /// A connection that sends no complete request head within this is closed.
+    #[arg(long, env = "REGISTRY_PROXY_HEADER_READ_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (h1 and h2).
+    #[arg(long, env = "REGISTRY_PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Interval of HTTP/2 keep-alive PINGs.
+    #[arg(long, env = "REGISTRY_PROXY_H2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub h2_keepalive_interval: Duration,
+    /// An HTTP/2 peer that does not answer a PING within this is dropped.
+    #[arg(long, env = "REGISTRY_PROXY_H2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub h2_keepalive_timeout: Duration,
+    /// Accept prior-knowledge HTTP/2 (h2c) on a plain-HTTP API listener. With TLS, h2 is
+    /// always offered through ALPN.
+    #[arg(long, env = "REGISTRY_PROXY_H2C")]
+    pub h2c: bool,
     /// Log format.
     #[arg(
         long,
@@ -199,6 +230,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_size_usize(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    usize::try_from(n).map_err(|_| format!("size {s:?} is too large"))
 }
 
 /// Why a configuration was rejected. The message is one line meant for an operator.
@@ -365,6 +401,7 @@ impl Config {
                 reason: "must be at least 1s".to_owned(),
             });
         }
+        validate_limits(&args)?;
         if let Some(r) = &args.probe_reference
             && !crate::path::valid_tag(r)
             && crate::path::parse_digest(r).is_err()
@@ -413,6 +450,39 @@ fn secret_error(
         path: path.display().to_string(),
         reason: e.to_string(),
     }
+}
+
+/// Connection limits that hyper would panic on or that would disable a bound.
+fn validate_limits(args: &Args) -> Result<(), ConfigError> {
+    let invalid = |flag, reason: &str| {
+        Err(ConfigError::Invalid {
+            flag,
+            reason: reason.to_owned(),
+        })
+    };
+    if args.max_connections == 0 {
+        return invalid("--max-connections", "must be at least 1");
+    }
+    if args.max_streams == 0 {
+        return invalid("--max-streams", "must be at least 1");
+    }
+    if args.h2_max_streams == 0 {
+        return invalid("--h2-max-streams", "must be at least 1");
+    }
+    if !(8 << 10..=16 << 20).contains(&args.stream_buffer) {
+        return invalid("--stream-buffer", "must be between 8KiB and 16MiB");
+    }
+    for (flag, d) in [
+        ("--header-read-timeout", args.header_read_timeout),
+        ("--idle-timeout", args.idle_timeout),
+        ("--h2-keepalive-interval", args.h2_keepalive_interval),
+        ("--h2-keepalive-timeout", args.h2_keepalive_timeout),
+    ] {
+        if d.is_zero() {
+            return invalid(flag, "must be more than 0s");
+        }
+    }
+    Ok(())
 }
 
 fn validate_cache_dir(dir: &std::path::Path) -> Result<(), ConfigError> {
@@ -511,6 +581,29 @@ mod tests {
         assert_eq!(parse_size("1000").unwrap(), 1000);
         assert!(parse_size("12XB").is_err());
         assert!(parse_size("99999999999999TiB").is_err());
+    }
+
+    #[test]
+    fn connection_limits_are_validated() {
+        let c = Config::from_args(["p"]).unwrap();
+        assert_eq!(c.args.max_connections, 1024);
+        assert_eq!(c.args.stream_buffer, 64 << 10);
+        assert!(!c.args.h2c);
+        for (flag, value) in [
+            ("--max-connections", "0"),
+            ("--max-streams", "0"),
+            ("--h2-max-streams", "0"),
+            ("--stream-buffer", "4KiB"),
+            ("--stream-buffer", "1GiB"),
+            ("--idle-timeout", "0s"),
+            ("--header-read-timeout", "0s"),
+        ] {
+            let e = Config::from_args(["p", flag, value]);
+            assert!(
+                matches!(e, Err(ConfigError::Invalid { flag: f, .. }) if f == flag),
+                "{flag} {value}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -322,6 +322,18 @@ impl ApiError {
         )
     }
 
+    /// Every response slot is taken (`--max-streams`): the client should retry shortly.
+    pub fn busy() -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "too many responses in flight; retry",
+            Origin::Internal,
+        );
+        e.extra_mut().retry_after = Some(HeaderValue::from_static("1"));
+        e
+    }
+
     /// The JSON body.
     pub fn body(&self) -> String {
         let body = Body {

@@ -8,6 +8,7 @@
 //! - [`path`]: the `/v2/` path grammar, name/tag/digest validation and the
 //!   `system/deckhouse` alias.
 //! - [`routes`]: the API handlers: validate, map, authorise, answer from the upstream.
+//! - [`range`]: `Range`, `If-Range` and `If-None-Match` against a digest's ETag.
 //! - [`cached`]: serving blobs and manifests through `registry-cache` (hits, single-flight
 //!   streaming misses, tag revalidation with stale-if-error, prefetch).
 //! - [`client_auth`]: `/auth/token`, the client check in front of `/v2/` and live reload
@@ -33,6 +34,7 @@ pub mod observe;
 pub mod ops;
 pub mod path;
 pub mod probe;
+pub mod range;
 pub mod routes;
 pub mod server;
 pub mod tls;
@@ -116,6 +118,7 @@ pub async fn run(
         metrics.clone(),
         observe::layer,
     ));
+    let ops_stop = CancellationToken::new();
     let ops_task = metrics_listener.map(|l| {
         tracing::info!(addr = %server::local(&l), "serving metrics and health");
         let ops_app = ops::app(
@@ -124,13 +127,15 @@ pub async fn run(
             probe.clone(),
             config.args.strict_readiness,
         );
-        let token = shutdown.clone();
+        // The ops port outlives the API's drain so that `/readyz` can answer 503 (not
+        // refuse connections) while in-flight pulls finish.
         tokio::spawn(server::serve(
             l,
             ops_app,
             None,
-            token,
+            ops_stop.clone(),
             std::time::Duration::from_secs(1),
+            server::Limits::ops(),
         ))
     });
     tracing::info!(
@@ -142,8 +147,29 @@ pub async fn run(
         "serving registry API"
     );
     ready.set_ready(true);
-    let result = server::serve(listener, app, tls, shutdown, config.args.shutdown_grace).await;
+    {
+        let ready = ready.clone();
+        let shutdown = shutdown.clone();
+        let background = background.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => ready.set_ready(false),
+                () = background.cancelled() => {}
+            }
+        });
+    }
+    let limits = server::Limits::from_args(&config.args);
+    let result = server::serve(
+        listener,
+        app,
+        tls,
+        shutdown,
+        config.args.shutdown_grace,
+        limits,
+    )
+    .await;
     ready.set_ready(false);
+    ops_stop.cancel();
     if let Some(t) = ops_task {
         let _ = t.await;
     }

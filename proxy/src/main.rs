@@ -9,6 +9,8 @@ use tracing_subscriber::EnvFilter;
 
 /// `EX_USAGE`: configuration errors are reported before any port is bound.
 const EXIT_USAGE: u8 = 64;
+/// 128 + SIGTERM, as a shell reports a process killed by it.
+const EXIT_SECOND_SIGNAL: i32 = 143;
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -67,6 +69,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         wait_for_signal().await;
         tracing::info!("shutdown signal received; draining");
         signal_token.cancel();
+        // An operator (or kubelet after the grace) who signals again wants out now.
+        wait_for_signal().await;
+        tracing::warn!("second shutdown signal; exiting without draining");
+        std::process::exit(EXIT_SECOND_SIGNAL);
     });
     registry_proxy::run(config, listener, Some(metrics_listener), shutdown).await?;
     Ok(())

@@ -134,6 +134,22 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
         .alias
         .to_remote(name)
         .ok_or_else(|| (label, ApiError::name_unknown(name, state.alias.local())))?;
+    // Content named by a digest never changes: a client that already holds it (its
+    // ETag is the digest) gets 304 without the upstream or the cache being asked.
+    let by_digest = match &route {
+        Route::Blob { digest, .. }
+        | Route::Manifest {
+            reference: Reference::Digest(digest),
+            ..
+        } => Some(digest.to_string()),
+        _ => None,
+    };
+    if let Some(d) = &by_digest
+        && let Some(etag) = crate::range::etag_for(d)
+        && crate::range::not_modified(&req.headers, &etag)
+    {
+        return Ok((label, not_modified_response(d)));
+    }
     let scope = format!("repository:{remote}:pull");
     let query = filtered_query(&route, req.uri.query());
     let result = match &route {
@@ -163,7 +179,8 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
             None => {
                 state.metrics.cache("blob", "bypass");
                 let p = format!("{remote}/blobs/{digest}");
-                passthrough(state, &method, &p, &req.headers, &scope, "BLOB_UNKNOWN").await
+                let headers = without_stale_range(&req.headers, digest.as_ref());
+                passthrough(state, &method, &p, &headers, &scope, "BLOB_UNKNOWN").await
             }
         },
         Route::Tags { name } => {
@@ -180,6 +197,33 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
         Route::Base => Ok(base_response()),
     };
     result.map(|r| (label, r)).map_err(|e| (label, e))
+}
+
+/// 304 for content the client already holds under `digest`.
+fn not_modified_response(digest: &str) -> Response {
+    let mut resp = StatusCode::NOT_MODIFIED.into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(digest) {
+        resp.headers_mut().insert("docker-content-digest", v);
+    }
+    resp
+}
+
+/// The request headers to forward for a blob: an `If-Range` that does not match the
+/// digest turns a range request into a full GET (RFC 9110 §13.1.5); the upstream never
+/// sees `If-Range` itself.
+fn without_stale_range(headers: &HeaderMap, digest: &str) -> HeaderMap {
+    let mut h = headers.clone();
+    if h.contains_key(header::RANGE)
+        && h.contains_key(header::IF_RANGE)
+        && crate::range::wanted(&h, u64::MAX, crate::range::etag_for(digest).as_ref())
+            == crate::range::Wanted::All
+    {
+        h.remove(header::RANGE);
+    }
+    h
 }
 
 fn base_response() -> Response {
