@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! - [`config`]: command line and environment, validated into a [`Config`] before any
-//!   port is bound.
+//!   port is bound; [`inputs`]: the checks of every file a flag names (keys,
+//!   certificates, credentials, the cache directory).
 //! - [`path`]: the `/v2/` path grammar, name/tag/digest validation and the
 //!   `system/deckhouse` alias.
 //! - [`routes`]: the API handlers: validate, map, authorise, answer from the upstream.
@@ -28,6 +29,7 @@ pub mod cached;
 pub mod client_auth;
 pub mod config;
 pub mod error;
+pub mod inputs;
 pub mod metrics;
 pub mod observe;
 pub mod ops;
@@ -42,6 +44,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use config::Config;
 pub use error::Error;
@@ -125,13 +128,10 @@ pub async fn run(
             config.args.strict_readiness,
         );
         let token = shutdown.clone();
-        tokio::spawn(server::serve(
-            l,
-            ops_app,
-            None,
-            token,
-            std::time::Duration::from_secs(1),
-        ))
+        tokio::spawn(
+            server::serve(l, ops_app, None, token, std::time::Duration::from_secs(1))
+                .instrument(tracing::info_span!("serve", listener = "metrics")),
+        )
     });
     tracing::info!(
         addr = %server::local(&listener),
@@ -142,7 +142,10 @@ pub async fn run(
         "serving registry API"
     );
     ready.set_ready(true);
-    let result = server::serve(listener, app, tls, shutdown, config.args.shutdown_grace).await;
+    // The span names the listener in its shutdown lines: both drain the same way.
+    let result = server::serve(listener, app, tls, shutdown, config.args.shutdown_grace)
+        .instrument(tracing::info_span!("serve", listener = "api"))
+        .await;
     ready.set_ready(false);
     if let Some(t) = ops_task {
         let _ = t.await;

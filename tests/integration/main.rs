@@ -10,6 +10,7 @@ mod config;
 mod contract;
 mod errors;
 mod harness;
+mod logs;
 mod metrics;
 mod ops;
 mod routes;
