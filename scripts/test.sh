@@ -27,6 +27,9 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
+step "install paths (kubectl kustomize of deploy/, deploy/standalone and the docs/install.md overlays)"
+bash tests/deploy/run.sh
+
 step "release build of the binaries the end-to-end tests run"
 cargo build --release --quiet -p registry-proxy -p registry-tests --bins
 export LAB_NO_BUILD=1

@@ -252,15 +252,23 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
-    /// A secret or certificate file could not be read.
-    #[error("cannot read {flag} file {path}: {reason}")]
+    /// A file a flag names is missing, unreadable or not what the flag needs.
+    #[error("{flag} {path} {problem}")]
     File {
         /// The flag naming the file.
         flag: &'static str,
         /// The path.
         path: String,
-        /// Why (never the content).
-        reason: String,
+        /// What is wrong, as a predicate ("does not exist"); never the content.
+        problem: String,
+    },
+    /// A flag that would silently do nothing with the others given.
+    #[error("{flag} has no effect {why}")]
+    NoEffect {
+        /// The flag without effect.
+        flag: &'static str,
+        /// The combination that makes it moot, e.g. "without --cache-dir".
+        why: &'static str,
     },
 }
 
@@ -321,6 +329,9 @@ pub struct Config {
     pub credentials: Option<Credentials>,
     /// Extra trusted upstream roots (PEM bytes).
     pub upstream_ca: Option<Vec<u8>>,
+    /// One line each about flags that were accepted but change nothing; the binary logs
+    /// them at start-up.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -344,23 +355,10 @@ impl Config {
                 reason: format!("{:?} is not a valid repository name", args.path_alias),
             });
         }
-        // The same loaders as the live reload, so a file means the same credentials at
-        // start-up and after a Secret update.
-        let credentials = if let Some(path) = &args.license_file {
-            let bytes = read_file("--license-file", path)?;
-            Some(
-                Credentials::from_license(&bytes)
-                    .map_err(|e| secret_error("--license-file", path, &e))?,
-            )
-        } else if let (Some(user), Some(path)) = (&args.username, &args.password_file) {
-            let bytes = read_file("--password-file", path)?;
-            Some(
-                Credentials::from_password_file(user, &bytes)
-                    .map_err(|e| secret_error("--password-file", path, &e))?,
-            )
-        } else {
-            None
-        };
+        let credentials = crate::inputs::credentials(
+            args.license_file.as_deref(),
+            args.username.as_deref().zip(args.password_file.as_deref()),
+        )?;
         let upstream_ca = match &args.upstream_ca {
             Some(path) => {
                 if args.scheme == Scheme::Http {
@@ -369,31 +367,35 @@ impl Config {
                         reason: "only valid with --scheme HTTPS".to_owned(),
                     });
                 }
-                let pem = std::fs::read(path).map_err(|e| file_error("--upstream-ca", path, &e))?;
-                crate::tls::parse_ca_bundle(&pem).map_err(|reason| ConfigError::File {
-                    flag: "--upstream-ca",
-                    path: path.display().to_string(),
-                    reason,
-                })?;
-                Some(pem)
+                Some(crate::inputs::upstream_ca(path)?)
             }
             None => None,
         };
         if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-            crate::tls::load_certified_key(cert, key).map_err(|reason| ConfigError::File {
-                flag: "--tls-cert/--tls-key",
-                path: cert.display().to_string(),
-                reason,
-            })?;
+            crate::inputs::tls(cert, key)?;
         }
-        if args.client_auth == ClientAuthMode::Htpasswd && args.htpasswd_file.is_none() {
-            return Err(ConfigError::Invalid {
-                flag: "--client-auth",
-                reason: "htpasswd needs --htpasswd-file".to_owned(),
-            });
+        match (args.client_auth, &args.htpasswd_file) {
+            (ClientAuthMode::Htpasswd, None) => {
+                return Err(ConfigError::Invalid {
+                    flag: "--client-auth",
+                    reason: "htpasswd needs --htpasswd-file".to_owned(),
+                });
+            }
+            (ClientAuthMode::Htpasswd, Some(path)) => crate::inputs::htpasswd(path)?,
+            (_, Some(_)) => {
+                return Err(ConfigError::NoEffect {
+                    flag: "--htpasswd-file",
+                    why: "without --client-auth htpasswd",
+                });
+            }
+            (_, None) => {}
         }
-        if let Some(dir) = &args.cache_dir {
-            validate_cache_dir(dir)?;
+        if let Some(path) = &args.token_key_file {
+            crate::inputs::token_key(path)?;
+        }
+        let warnings = moot_flags(&args)?;
+        if let (Some(dir), false) = (&args.cache_dir, args.no_cache) {
+            crate::inputs::cache_dir(dir)?;
         }
         if args.probe_interval < Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
@@ -417,6 +419,7 @@ impl Config {
             alias,
             credentials,
             upstream_ca,
+            warnings,
             args,
         })
     }
@@ -427,29 +430,40 @@ impl Config {
     }
 }
 
-fn file_error(flag: &'static str, path: &std::path::Path, e: &std::io::Error) -> ConfigError {
-    ConfigError::File {
-        flag,
-        path: path.display().to_string(),
-        reason: e.kind().to_string(),
+/// Flags that would do nothing with the others given. A cache tuning flag without any
+/// cache is refused: the operator believes something is bounded or warmed that is not.
+/// With `--no-cache` the cache flags are only warned about: switching the cache off
+/// (Deckhouse's `nocache: true`) should not force editing every other cache flag.
+fn moot_flags(args: &Args) -> Result<Vec<String>, ConfigError> {
+    let tuning: [(&'static str, bool); 3] = [
+        ("--cache-max-size", args.cache_max_size.is_some()),
+        ("--tag-freshness", !args.tag_freshness.is_zero()),
+        ("--prefetch-layers", args.prefetch_layers),
+    ];
+    let mut warnings = Vec::new();
+    for (flag, given) in tuning {
+        match (given, &args.cache_dir, args.no_cache) {
+            (false, _, _) => {}
+            (true, _, true) => warnings.push(format!("{flag} has no effect with --no-cache")),
+            (true, None, false) => {
+                return Err(ConfigError::NoEffect {
+                    flag,
+                    why: "without --cache-dir",
+                });
+            }
+            (true, Some(_), false) => {}
+        }
     }
-}
-
-/// Reads a secret file (contents never appear in errors).
-fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| file_error(flag, path, &e))
-}
-
-fn secret_error(
-    flag: &'static str,
-    path: &std::path::Path,
-    e: &registry_auth::Error,
-) -> ConfigError {
-    ConfigError::File {
-        flag,
-        path: path.display().to_string(),
-        reason: e.to_string(),
+    if args.no_cache && args.cache_dir.is_some() {
+        warnings.push("--cache-dir has no effect with --no-cache: nothing is stored".to_owned());
     }
+    if args.client_auth == ClientAuthMode::None && args.token_key_file.is_some() {
+        warnings.push(
+            "--token-key-file has no effect with --client-auth none: no tokens are issued"
+                .to_owned(),
+        );
+    }
+    Ok(warnings)
 }
 
 /// Connection limits that hyper would panic on or that would disable a bound.
@@ -482,26 +496,6 @@ fn validate_limits(args: &Args) -> Result<(), ConfigError> {
             return invalid(flag, "must be more than 0s");
         }
     }
-    Ok(())
-}
-
-fn validate_cache_dir(dir: &std::path::Path) -> Result<(), ConfigError> {
-    let invalid = |reason: String| ConfigError::Invalid {
-        flag: "--cache-dir",
-        reason,
-    };
-    if !dir.is_absolute()
-        && dir
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return Err(invalid(format!("{} must not contain '..'", dir.display())));
-    }
-    std::fs::create_dir_all(dir).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
-    let probe = dir.join(".write-probe");
-    std::fs::write(&probe, b"ok")
-        .and_then(|()| std::fs::remove_file(&probe))
-        .map_err(|e| invalid(format!("{} is not writable: {e}", dir.display())))?;
     Ok(())
 }
 

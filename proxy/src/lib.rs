@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! - [`config`]: command line and environment, validated into a [`Config`] before any
-//!   port is bound.
+//!   port is bound; [`inputs`]: the checks of every file a flag names (keys,
+//!   certificates, credentials, the cache directory).
 //! - [`path`]: the `/v2/` path grammar, name/tag/digest validation and the
 //!   `system/deckhouse` alias.
 //! - [`routes`]: the API handlers: validate, map, authorise, answer from the upstream.
@@ -29,6 +30,7 @@ pub mod cached;
 pub mod client_auth;
 pub mod config;
 pub mod error;
+pub mod inputs;
 pub mod metrics;
 pub mod observe;
 pub mod ops;
@@ -44,6 +46,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use config::Config;
 pub use error::Error;
@@ -129,14 +132,17 @@ pub async fn run(
         );
         // The ops port outlives the API's drain so that `/readyz` can answer 503 (not
         // refuse connections) while in-flight pulls finish.
-        tokio::spawn(server::serve(
-            l,
-            ops_app,
-            None,
-            ops_stop.clone(),
-            std::time::Duration::from_secs(1),
-            server::Limits::ops(),
-        ))
+        tokio::spawn(
+            server::serve(
+                l,
+                ops_app,
+                None,
+                ops_stop.clone(),
+                std::time::Duration::from_secs(1),
+                server::Limits::ops(),
+            )
+            .instrument(tracing::info_span!("serve", listener = "metrics")),
+        )
     });
     tracing::info!(
         addr = %server::local(&listener),
@@ -167,6 +173,8 @@ pub async fn run(
         config.args.shutdown_grace,
         limits,
     )
+    // The span names the listener in its shutdown lines: both drain the same way.
+    .instrument(tracing::info_span!("serve", listener = "api"))
     .await;
     ready.set_ready(false);
     ops_stop.cancel();

@@ -96,7 +96,9 @@ impl Drop for Finish {
         if self.expected == Some(self.bytes) {
             self.complete = true;
         }
-        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        // Microsecond resolution: a float of the raw nanoseconds prints as
+        // 0.12050999999999999, which no one wants to read or store.
+        let duration_ms = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX) as f64 / 1000.0;
         let cache = self.notes.cache.unwrap_or("-");
         let upstream_status = self.notes.upstream_status.map_or(-1, i32::from);
         match self.error {

@@ -182,7 +182,7 @@ pub async fn run(
                     "upstream probe ok"
                 );
             } else {
-                tracing::warn!(outcome = status.outcome, message = %status.message, "upstream probe failing");
+                tracing::warn!(outcome = status.outcome, detail = %status.message, "upstream probe failing");
             }
         }
         for o in OUTCOMES {

@@ -11,6 +11,7 @@ mod contract;
 mod edge;
 mod errors;
 mod harness;
+mod logs;
 mod metrics;
 mod ops;
 mod rfc;

@@ -1,0 +1,257 @@
+//! Every file a flag names is read and checked here, before any port is bound: a
+//! mistake must be one line at start-up, not a crash loop after the Service already
+//! routes traffic to the pod. `run` loads the same files again (and the reloader keeps
+//! loading them); these checks only decide whether start-up may go on.
+//!
+//! Messages name the flag and the path and say what is wrong in words an operator can
+//! act on ("does not exist", "is not a directory", "is not a PEM private key (found:
+//! CERTIFICATE)"); they never quote a file's content.
+
+use std::io::ErrorKind;
+use std::path::{Component, Path};
+
+use registry_auth::Credentials;
+use registry_auth::client::{Htpasswd, SigningKey};
+
+use crate::config::ConfigError;
+
+/// Reads a file a flag names (secrets included: the content never appears in errors).
+pub fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| file_error(flag, path, &e))
+}
+
+/// An I/O failure on `path` as a predicate on the file ("does not exist").
+pub fn file_error(flag: &'static str, path: &Path, e: &std::io::Error) -> ConfigError {
+    let problem = match e.kind() {
+        ErrorKind::NotFound => "does not exist".to_owned(),
+        ErrorKind::PermissionDenied => "is not readable (permission denied)".to_owned(),
+        ErrorKind::IsADirectory => "is a directory, not a file".to_owned(),
+        ErrorKind::NotADirectory => "does not exist (a parent is not a directory)".to_owned(),
+        kind => format!("cannot be read ({kind})"),
+    };
+    bad(flag, path, problem)
+}
+
+fn bad(flag: &'static str, path: &Path, problem: String) -> ConfigError {
+    ConfigError::File {
+        flag,
+        path: path.display().to_string(),
+        problem,
+    }
+}
+
+/// The reason inside an auth crate error, so the message does not repeat "cannot parse
+/// ..." around our own wording.
+fn auth_reason(e: registry_auth::Error) -> String {
+    match e {
+        registry_auth::Error::Parse { reason, .. } | registry_auth::Error::Load { reason, .. } => {
+            reason
+        }
+        other => other.to_string(),
+    }
+}
+
+/// What a file looks like, for "(found: ...)": the labels of its PEM blocks, or a
+/// description when it has none. Only labels are reported, never key material.
+fn pem_found(bytes: &[u8]) -> String {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return "an empty file".to_owned();
+    }
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return "binary data, not PEM text".to_owned();
+    };
+    let mut labels: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("-----BEGIN "))
+        .filter_map(|l| l.strip_suffix("-----"))
+        .filter(|l| l.len() <= 64 && l.bytes().all(|b| b.is_ascii_uppercase() || b == b' '))
+        .collect();
+    labels.dedup();
+    if labels.is_empty() {
+        "text without PEM blocks".to_owned()
+    } else {
+        labels.join(", ")
+    }
+}
+
+fn has_private_key(bytes: &[u8]) -> bool {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    PrivateKeyDer::from_pem_slice(bytes).is_ok()
+}
+
+/// The serving certificate and key: both readable, a chain in one, a private key in the
+/// other, and the two matching.
+pub fn tls(cert: &Path, key: &Path) -> Result<(), ConfigError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let cert_pem = read("--tls-cert", cert)?;
+    let key_pem = read("--tls-key", key)?;
+    let chain_ok = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .is_ok_and(|c| !c.is_empty());
+    if !chain_ok {
+        let found = pem_found(&cert_pem);
+        return Err(bad(
+            "--tls-cert",
+            cert,
+            format!("is not a PEM certificate (found: {found})"),
+        ));
+    }
+    if !has_private_key(&key_pem) {
+        let found = pem_found(&key_pem);
+        return Err(bad(
+            "--tls-key",
+            key,
+            format!("is not a PEM private key (found: {found})"),
+        ));
+    }
+    crate::tls::certified_key_from_pem(&cert_pem, &key_pem).map_err(|reason| {
+        ConfigError::Invalid {
+            flag: "--tls-cert/--tls-key",
+            reason: format!("{} and {}: {reason}", cert.display(), key.display()),
+        }
+    })?;
+    Ok(())
+}
+
+/// The client token signing key: a PEM private key of a supported type.
+pub fn token_key(path: &Path) -> Result<(), ConfigError> {
+    const FLAG: &str = "--token-key-file";
+    let pem = read(FLAG, path)?;
+    if !has_private_key(&pem) {
+        let found = pem_found(&pem);
+        return Err(bad(
+            FLAG,
+            path,
+            format!("is not a PEM private key (found: {found})"),
+        ));
+    }
+    SigningKey::from_pem(&pem)
+        .map(drop)
+        .map_err(|e| bad(FLAG, path, format!("is not usable: {}", auth_reason(e))))
+}
+
+/// The htpasswd file: bcrypt entries only.
+pub fn htpasswd(path: &Path) -> Result<(), ConfigError> {
+    const FLAG: &str = "--htpasswd-file";
+    let bytes = read(FLAG, path)?;
+    Htpasswd::from_bytes(&bytes).map(drop).map_err(|e| {
+        bad(
+            FLAG,
+            path,
+            format!("is not a valid htpasswd file: {}", auth_reason(e)),
+        )
+    })
+}
+
+/// The upstream credentials from `--license-file` or `--username` + `--password-file`.
+pub fn credentials(
+    license: Option<&Path>,
+    user: Option<(&str, &Path)>,
+) -> Result<Option<Credentials>, ConfigError> {
+    // The same loaders as the live reload, so a file means the same credentials at
+    // start-up and after a Secret update.
+    if let Some(path) = license {
+        let bytes = read("--license-file", path)?;
+        let creds = Credentials::from_license(&bytes).map_err(|e| {
+            bad(
+                "--license-file",
+                path,
+                format!("is not a license: {}", auth_reason(e)),
+            )
+        })?;
+        return Ok(Some(creds));
+    }
+    if let Some((user, path)) = user {
+        let bytes = read("--password-file", path)?;
+        let creds = Credentials::from_password_file(user, &bytes).map_err(|e| {
+            bad(
+                "--password-file",
+                path,
+                format!("is not usable: {}", auth_reason(e)),
+            )
+        })?;
+        return Ok(Some(creds));
+    }
+    Ok(None)
+}
+
+/// The upstream CA bundle: at least one PEM certificate.
+pub fn upstream_ca(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    const FLAG: &str = "--upstream-ca";
+    let pem = read(FLAG, path)?;
+    if crate::tls::parse_ca_bundle(&pem).is_err() {
+        let found = pem_found(&pem);
+        return Err(bad(
+            FLAG,
+            path,
+            format!("is not a PEM certificate bundle (found: {found})"),
+        ));
+    }
+    Ok(pem)
+}
+
+/// The cache directory: created when missing, and then a directory we can write to.
+pub fn cache_dir(dir: &Path) -> Result<(), ConfigError> {
+    const FLAG: &str = "--cache-dir";
+    if !dir.is_absolute() && dir.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(bad(FLAG, dir, "must not contain '..'".to_owned()));
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => return Err(bad(FLAG, dir, "is not a directory".to_owned())),
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                let problem = match e.kind() {
+                    ErrorKind::NotADirectory | ErrorKind::AlreadyExists => {
+                        "cannot be created: a parent is not a directory".to_owned()
+                    }
+                    ErrorKind::PermissionDenied => {
+                        "cannot be created (permission denied)".to_owned()
+                    }
+                    kind => format!("cannot be created ({kind})"),
+                };
+                bad(FLAG, dir, problem)
+            })?;
+        }
+        Err(e) if e.kind() == ErrorKind::NotADirectory => {
+            return Err(bad(
+                FLAG,
+                dir,
+                "cannot be created: a parent is not a directory".to_owned(),
+            ));
+        }
+        Err(e) => return Err(file_error(FLAG, dir, &e)),
+    }
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"ok")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            let problem = match e.kind() {
+                ErrorKind::PermissionDenied => "is not writable (permission denied)".to_owned(),
+                ErrorKind::ReadOnlyFilesystem => {
+                    "is not writable (read-only file system)".to_owned()
+                }
+                kind => format!("is not writable ({kind})"),
+            };
+            bad(FLAG, dir, problem)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_found_names_labels_only() {
+        assert_eq!(pem_found(b""), "an empty file");
+        assert_eq!(pem_found(b"\xff\xfe\x00"), "binary data, not PEM text");
+        assert_eq!(pem_found(b"hello"), "text without PEM blocks");
+        let two = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n\
+                    -----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n";
+        assert_eq!(pem_found(two), "CERTIFICATE");
+        let odd = b"-----BEGIN secret-value-----\n";
+        assert_eq!(pem_found(odd), "text without PEM blocks");
+    }
+}
