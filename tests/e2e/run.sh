@@ -282,4 +282,13 @@ else
     fail "e2e-auth" "$(tail -5 "$LAB/logs/e2e-auth.out")"
 fi
 lab_log "auth over HTTPS done ($((SECONDS - T1)) s)"
+
+# ---- the proxy's own image under containerd (scripts/build-images.sh, ctr import + run)
+T1=$SECONDS
+if LAB_NO_BUILD=1 PROXY_BIN=$PROXY_BIN TOKEN_BIN=$TOKEN_BIN bash "$HERE/image.sh" >"$LAB/logs/e2e-image.out" 2>&1; then
+    pass "$(tail -1 "$LAB/logs/e2e-image.out")"
+else
+    fail "e2e-image" "$(grep -E '^FAIL|FATAL' "$LAB/logs/e2e-image.out" | head -5; tail -3 "$LAB/logs/e2e-image.out")"
+fi
+lab_log "image under containerd done ($((SECONDS - T1)) s)"
 lab_log "total $((SECONDS - T0)) s"
