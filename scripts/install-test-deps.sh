@@ -19,6 +19,7 @@ have promtool || need+=(prometheus)
 have jq || need+=(jq)
 have curl || need+=(curl)
 have openssl || need+=(openssl)
+[[ -f /etc/ssl/certs/ca-certificates.crt ]] || need+=(ca-certificates) # copied into the images
 python3 -c "import yaml" 2>/dev/null || need+=(python3-yaml)
 
 if ((${#need[@]} == 0)); then

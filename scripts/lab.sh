@@ -279,6 +279,8 @@ EOF
 }
 
 # lab_push LAYOUT:TAG REPO:TAG [--all]: byte-identical push (G2) to the upstream.
+# docker-registry logs `level=error ... blob unknown` for each HEAD skopeo makes to see whether a
+# blob is already there; those lines in registry.log are the normal first-push path, not errors.
 lab_push() {
     local src=$1 dst=$2
     shift 2

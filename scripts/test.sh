@@ -37,5 +37,8 @@ export LAB_NO_BUILD=1
 step "operator assets (promtool rules and tests, metrics lint, real Prometheus)"
 bash tests/ops/run.sh
 
-step "end-to-end tests (docker-registry + token server, skopeo, containerd, podman)"
+step "end-to-end tests (docker-registry + token server, skopeo, containerd, podman, the image)"
 bash tests/e2e/run.sh
+
+step "README demo (every README \"Pull through it\" block, offline: TLS, client auth, cache, containerd)"
+bash scripts/demo.sh
