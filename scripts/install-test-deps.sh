@@ -19,6 +19,9 @@ have promtool || need+=(prometheus)
 have jq || need+=(jq)
 have curl || need+=(curl)
 have openssl || need+=(openssl)
+# unshare + mount: the cache fault tests put the cache on a small tmpfs in a mount namespace.
+have unshare || need+=(util-linux)
+have mount || need+=(mount)
 
 if ((${#need[@]} == 0)); then
   echo "test dependencies: all present"
