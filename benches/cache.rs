@@ -1,7 +1,10 @@
 //! Cache data path in-process over loopback: the proxy (`registry_proxy::run` with `--cache-dir`) in
 //! front of the harness's fake upstream, driven by reqwest.
 //!
-//! - `warm_blob_hit/1MiB`: GET of a cached 1 MiB blob (disk hit, no upstream).
+//! - `warm_blob_hit/1MiB`: GET of a cached 1 MiB blob (disk hit, no upstream), default
+//!   `--cache-verify first-read` (the blob was verified by its fill, hits are not re-hashed).
+//! - `warm_blob_hit_verify_always/1MiB`: the same against a second proxy with
+//!   `--cache-verify always` (every hit hashed while it streams), side by side in one run.
 //! - `coalesced_miss/8x1MiB`: 8 concurrent GETs of a blob nobody fetched yet; one fill serves all
 //!   eight. Every iteration uses a fresh blob (made and pushed outside the timed part) and checks
 //!   that the upstream saw exactly one GET for it.
@@ -27,32 +30,41 @@ fn runtime() -> tokio::runtime::Runtime {
 fn bench_cache(c: &mut Criterion) {
     let rt = runtime();
     let dir = tempfile_dir();
-    let (up, px) = rt.block_on(async {
+    let always_dir = dir.join("verify-always");
+    let (up, px, px_always) = rt.block_on(async {
         let up = FakeUpstream::start().await;
-        let mut args = up.proxy_args();
-        args.extend(["--cache-dir".to_owned(), dir.display().to_string()]);
-        args.extend(["--client-auth".to_owned(), "none".to_owned()]);
-        let px = start_proxy(&args).await;
-        (up, px)
+        let start = |dir: &std::path::Path, verify: &str| {
+            let mut args = up.proxy_args();
+            args.extend(["--cache-dir".to_owned(), dir.display().to_string()]);
+            args.extend(["--client-auth".to_owned(), "none".to_owned()]);
+            args.extend(["--cache-verify".to_owned(), verify.to_owned()]);
+            async move { start_proxy(&args).await }
+        };
+        let px = start(&dir.join("first-read"), "first-read").await;
+        let px_always = start(&always_dir, "always").await;
+        (up, px, px_always)
     });
     let client = test_client();
 
     let warm = Blob::random(MIB);
     up.push_blob(&warm);
     let warm_url = px.url(&format!("/v2/system/deckhouse/blobs/{}", warm.digest));
-    rt.block_on(async {
-        let body = client
-            .get(&warm_url)
-            .send()
-            .await
-            .expect("GET")
-            .bytes()
-            .await
-            .expect("body");
-        assert_eq!(body, warm.data, "warm blob bytes");
-        // The first GET's fill may still be committing; wait until hits are served.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    });
+    let always_url = px_always.url(&format!("/v2/system/deckhouse/blobs/{}", warm.digest));
+    for url in [&warm_url, &always_url] {
+        rt.block_on(async {
+            let body = client
+                .get(url)
+                .send()
+                .await
+                .expect("GET")
+                .bytes()
+                .await
+                .expect("body");
+            assert_eq!(body, warm.data, "warm blob bytes");
+            // The first GET's fill may still be committing; wait until hits are served.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        });
+    }
 
     let mut g = c.benchmark_group("cache");
     g.throughput(Throughput::Bytes(MIB as u64));
@@ -60,6 +72,16 @@ fn bench_cache(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 let r = client.get(&warm_url).send().await.expect("GET");
+                assert_eq!(r.status(), 200);
+                r.bytes().await.expect("body").len()
+            })
+        });
+    });
+
+    g.bench_function("warm_blob_hit_verify_always/1MiB", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let r = client.get(&always_url).send().await.expect("GET");
                 assert_eq!(r.status(), 200);
                 r.bytes().await.expect("body").len()
             })
@@ -101,6 +123,7 @@ fn bench_cache(c: &mut Criterion) {
     });
     g.finish();
     drop(px);
+    drop(px_always);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

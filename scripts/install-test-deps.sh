@@ -21,6 +21,9 @@ have curl || need+=(curl)
 have openssl || need+=(openssl)
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] || need+=(ca-certificates) # copied into the images
 python3 -c "import yaml" 2>/dev/null || need+=(python3-yaml)
+# unshare + mount: the cache fault tests put the cache on a small tmpfs in a mount namespace.
+have unshare || need+=(util-linux)
+have mount || need+=(mount)
 
 if ((${#need[@]} == 0)); then
   echo "test dependencies: all present"

@@ -83,6 +83,12 @@ pub enum FillError {
     /// Local disk error while spooling or committing.
     #[error("cache I/O error: {0}")]
     Io(Arc<io::Error>),
+    /// The spool could not be created or written (disk full, read-only, permissions, the
+    /// directory gone): the cache is degraded. Readers of the fill carry on from the upstream
+    /// on their own ([`crate::Fill::reader`]); a caller that sees it from
+    /// [`crate::Fill::meta`] serves with [`crate::Cache::pass_through`].
+    #[error("cache spool not writable: {0}")]
+    Spool(Arc<io::Error>),
     /// The digest is not a valid `sha256:<64 hex>`.
     #[error("invalid or unsupported digest: {0}")]
     InvalidDigest(String),

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::{
     BlobSource, BlobStream, CacheError, FillError, Hex, Inner, SourceError,
+    degraded::{Fallback, Prefix, verified_stream},
     index::{Pin, now_ms},
     names::Sha256Hasher,
     store::{Kind, ObjectKey, ObjectMeta, read_at},
@@ -49,14 +50,17 @@ pub(crate) struct FillShared {
     tx: watch::Sender<Progress>,
     /// Set after commit: the blob stays unevictable while any handle or reader of this fill lives.
     pin: OnceLock<Pin>,
+    /// Serves readers on their own if the spool breaks (`None` for fills that never started).
+    fallback: Option<Fallback>,
 }
 
 impl FillShared {
-    pub(crate) fn new(digest: Digest) -> Self {
+    pub(crate) fn new(digest: Digest, fallback: Option<Fallback>) -> Self {
         Self {
             digest,
             tx: watch::Sender::new(Progress::default()),
             pin: OnceLock::new(),
+            fallback,
         }
     }
 
@@ -93,7 +97,7 @@ impl Fill {
 
     /// A fill that failed before starting (bad digest, shutting down).
     pub(crate) fn failed(digest: Digest, e: FillError) -> Self {
-        let shared = FillShared::new(digest);
+        let shared = FillShared::new(digest, None);
         shared.finish(Err(e));
         Self {
             shared: Arc::new(shared),
@@ -161,6 +165,7 @@ impl Fill {
             pos: start,
             stop: None,
             finished: false,
+            degraded: None,
         };
         stream::unfold(tail, |mut t| async move {
             if t.finished {
@@ -189,10 +194,15 @@ struct Tail {
     /// Exclusive end, once the length is known.
     stop: Option<u64>,
     finished: bool,
+    /// The spool broke: the rest comes from a verified pass-through.
+    degraded: Option<BlobStream>,
 }
 
 impl Tail {
     async fn step(&mut self) -> Result<Option<Bytes>, CacheError> {
+        if let Some(rest) = &mut self.degraded {
+            return rest.next().await.transpose();
+        }
         loop {
             let (file, total, written, done, verified) = {
                 let p = self.rx.borrow_and_update();
@@ -205,6 +215,16 @@ impl Tail {
                 )
             };
             if !verified && let Some(Err(e)) = done {
+                if let (FillError::Spool(_), Some(fallback)) = (&e, &self._shared.fallback)
+                    && let Ok(hex) = Hex::from_digest(&self._shared.digest)
+                {
+                    let prefix = file.map(|file| Prefix { file, len: written });
+                    let mut rest =
+                        verified_stream(fallback.clone(), hex, prefix, None, self.pos, self.stop);
+                    let first = rest.next().await.transpose();
+                    self.degraded = Some(rest);
+                    return first;
+                }
                 return Err(e.into());
             }
             let finished = done.is_some() || verified;
@@ -311,6 +331,13 @@ async fn retry_or_fail(inner: &Inner, attempts: &mut u32, e: SourceError) -> Res
     Ok(())
 }
 
+async fn put_temp(inner: &Inner) -> io::Result<crate::store::Spool> {
+    let store = inner.store.clone();
+    tokio::task::spawn_blocking(move || store.put_temp())
+        .await
+        .map_err(io::Error::other)?
+}
+
 /// Batches of upstream bytes queued for the spool writer: the network side keeps
 /// receiving while the previous batches are written and hashed.
 const WRITER_QUEUE: usize = 8;
@@ -341,10 +368,20 @@ async fn fill_body(
     hex: &Hex,
     source: &dyn BlobSource,
 ) -> Result<(), FillError> {
-    let store = inner.store.clone();
-    let spool = tokio::task::spawn_blocking(move || store.put_temp())
-        .await
-        .map_err(|e| FillError::from(io::Error::other(e)))??;
+    let spool = match put_temp(inner).await {
+        Ok(s) => s,
+        Err(e) => {
+            // The directories may be gone (removed under a running proxy): recreate, retry once.
+            inner.note_write_error("spool", &e);
+            if let Err(e) = inner.store.repair().await {
+                tracing::debug!(error = %e, "recreating the cache directories failed");
+            }
+            put_temp(inner).await.map_err(|e| {
+                inner.note_write_error("spool", &e);
+                FillError::Spool(Arc::new(e))
+            })?
+        }
+    };
     let file = spool.file.clone();
     shared.tx.send_modify(|p| p.file = Some(file.clone()));
 
@@ -437,9 +474,14 @@ async fn fill_body(
         }
     }
     drop(queue);
-    let (hasher, written) = writer
-        .await
-        .map_err(|e| FillError::from(io::Error::other(e)))??;
+    let (hasher, written) = match writer.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            inner.note_write_error("spool", &e);
+            return Err(FillError::Spool(Arc::new(e)));
+        }
+        Err(e) => return Err(FillError::from(io::Error::other(e))),
+    };
     if written != received {
         return Err(FillError::LengthMismatch {
             expected: received,
@@ -477,10 +519,19 @@ async fn fill_body(
             media_type: None,
             references: Vec::new(),
         };
-        inner.store.commit(spool, key, meta).await?;
-        let pin = inner.index.insert_blob(hex.clone(), written, now_ms());
-        // Only the fill task sets it, once.
-        let _ = shared.pin.set(pin);
+        // Readers already finished from the verified spool: a failed commit only means the
+        // blob is not kept.
+        match inner.store.commit(spool, key, meta).await {
+            Ok(()) => {
+                inner.note_write_ok();
+                let pin = inner
+                    .index
+                    .insert_blob(hex.clone(), written, now_ms(), true);
+                // Only the fill task sets it, once.
+                let _ = shared.pin.set(pin);
+            }
+            Err(e) => inner.note_write_error("commit", &e),
+        }
     }
     // Without persistence the spool is unlinked here; open handles keep serving current readers.
     Ok(())

@@ -6,7 +6,7 @@ use std::{
     collections::HashSet,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -70,6 +70,19 @@ pub(crate) struct BlobEntry {
     pub(crate) access: Access,
     /// Live `BlobHit`s, hit readers and completed fills; eviction skips pinned blobs.
     pins: AtomicUsize,
+    /// The bytes on disk hashed to the digest in this process (the fill that wrote them, a
+    /// verified read or the scrub). Never persisted: after a restart every blob is checked again.
+    verified: AtomicBool,
+}
+
+impl BlobEntry {
+    pub(crate) fn is_verified(&self) -> bool {
+        self.verified.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_verified(&self) {
+        self.verified.store(true, Ordering::Release);
+    }
 }
 
 #[derive(Debug)]
@@ -105,8 +118,15 @@ impl Index {
         self.size.load(Ordering::Relaxed)
     }
 
-    /// Inserts a committed blob (idempotent) and returns a pin on it.
-    pub(crate) fn insert_blob(&self, hex: Hex, size: u64, last_access_ms: u64) -> Pin {
+    /// Inserts a committed blob (idempotent) and returns a pin on it. `verified`: its bytes
+    /// were just hashed (a fill), not merely found on disk.
+    pub(crate) fn insert_blob(
+        &self,
+        hex: Hex,
+        size: u64,
+        last_access_ms: u64,
+        verified: bool,
+    ) -> Pin {
         let entry = self
             .blobs
             .entry(hex)
@@ -116,6 +136,7 @@ impl Index {
                     size,
                     access: Access::new(last_access_ms),
                     pins: AtomicUsize::new(0),
+                    verified: AtomicBool::new(verified),
                 })
             })
             .clone();

@@ -13,10 +13,13 @@
 //! - `evict`: LRU eviction between watermarks, manifests before the blobs they reference.
 //! - `names`: digest, repository and tag validation before any path is built; SHA-256.
 //! - `stream`: bounded-memory file range streams.
+//! - `degraded`: failing open: the degraded flag and verified pass-through when the spool breaks.
+//! - `verify`: re-hashing committed blobs on read (streaming, Range pre-check) and the scrub.
 //! - `error`: [`CacheError`], [`FillError`], [`SourceError`].
 //! - `source`: the [`BlobSource`] trait.
 #![warn(missing_docs)]
 
+mod degraded;
 mod error;
 mod evict;
 mod fill;
@@ -25,6 +28,7 @@ mod names;
 mod source;
 pub mod store;
 mod stream;
+mod verify;
 
 use std::{
     path::PathBuf,
@@ -49,6 +53,7 @@ pub use oci_spec::image::Digest;
 pub use source::{BlobSource, SourceBody};
 pub use store::{BlobStore, FsStore};
 pub use stream::CHUNK;
+pub use verify::VerifyMode;
 
 use crate::{
     fill::{FillShared, InFlightGuard},
@@ -67,8 +72,12 @@ pub type BlobStream = StdPin<Box<dyn Stream<Item = Result<Bytes, CacheError>> + 
 pub struct CacheConfig {
     /// Root directory (created if missing).
     pub dir: PathBuf,
-    /// Size cap in bytes (blobs + manifests); `None` = unbounded.
+    /// Size cap in bytes (blobs + manifests); `None` = derived from free space when
+    /// `auto_max_size` is set, else unbounded.
     pub max_size: Option<u64>,
+    /// Without `max_size`: cap the cache at this fraction of (free space + what the cache
+    /// holds) at start-up, so it cannot silently fill the disk (`None` = unbounded).
+    pub auto_max_size: Option<f64>,
     /// Fraction of `max_size` above which eviction starts (default 0.90).
     pub high_watermark: f64,
     /// Fraction of `max_size` eviction brings the cache down to (default 0.80).
@@ -80,6 +89,12 @@ pub struct CacheConfig {
     /// `false` = `--no-cache`: fills spool to a temp file that is deleted when done, identical
     /// in-flight fills still coalesce, nothing is ever served from disk later.
     pub persist: bool,
+    /// When committed blobs are re-hashed on read (default: on the first read per process).
+    pub verify: VerifyMode,
+    /// Background scrub bandwidth in bytes/s (`None` or 0 = no scrub).
+    pub scrub_rate: Option<u64>,
+    /// Pause between two scrub passes over the whole cache.
+    pub scrub_interval: Duration,
 }
 
 impl Default for CacheConfig {
@@ -87,11 +102,15 @@ impl Default for CacheConfig {
         Self {
             dir: PathBuf::from("/var/cache/registry-proxy"),
             max_size: None,
+            auto_max_size: None,
             high_watermark: 0.90,
             low_watermark: 0.80,
             resume_attempts: 5,
             resume_backoff: Duration::from_millis(100),
             persist: true,
+            verify: VerifyMode::FirstRead,
+            scrub_rate: None,
+            scrub_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -118,6 +137,13 @@ pub struct CacheStats {
     pub resumes_total: u64,
     /// Committed objects found truncated or corrupt and removed.
     pub corrupt_total: u64,
+    /// Writes to the cache that failed (spool, commit, manifest, tag record).
+    pub write_errors_total: u64,
+    /// Since when (Unix seconds) writes fail and pulls are served without the cache;
+    /// `None` = healthy. Cleared by the next successful commit.
+    pub degraded_since: Option<u64>,
+    /// The kind of the last failed write (e.g. `StorageFull`, `ReadOnlyFilesystem`).
+    pub last_write_error: Option<std::io::ErrorKind>,
 }
 
 #[derive(Default)]
@@ -126,6 +152,7 @@ struct Counters {
     digest_mismatches: AtomicU64,
     resumes: AtomicU64,
     corrupt: AtomicU64,
+    write_errors: AtomicU64,
 }
 
 /// A cached manifest, exactly the bytes the upstream sent.
@@ -157,10 +184,14 @@ struct TagFile {
     checked_at_ms: u64,
 }
 
-/// A complete, verified blob, pinned against eviction while it or any of its readers lives.
+/// A complete blob, pinned against eviction while it or any of its readers lives. Its readers
+/// never hand out bytes that were not checked against the digest (see [`VerifyMode`]).
 pub struct BlobHit {
     obj: Arc<dyn StoredBlob>,
     pin: Arc<Pin>,
+    entry: Arc<index::BlobEntry>,
+    hex: Hex,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for BlobHit {
@@ -180,22 +211,67 @@ impl BlobHit {
         self.len() == 0
     }
 
+    /// Whether its bytes are trusted without re-hashing (verified in this process and the
+    /// mode allows reuse). A Range of an untrusted blob is preceded by a whole-file hash;
+    /// call [`Self::verify`] first to fall back to the upstream instead of aborting.
+    pub fn is_trusted(&self) -> bool {
+        self.inner.cfg.verify == VerifyMode::FirstRead && self.entry.is_verified()
+    }
+
+    /// Hashes the whole blob now. `Ok(false)`: it was corrupt, is evicted and counted; treat
+    /// it as a miss.
+    pub async fn verify(&self) -> Result<bool, CacheError> {
+        self.inner
+            .verify_object(&self.hex, &self.obj, &self.entry, None)
+            .await
+    }
+
     /// Bytes `start..=end_inclusive` (clamped to the blob; `u64::MAX` = to the end). An
     /// unsatisfiable range yields one `Err(RangeNotSatisfiable)`; check with [`Self::len`] first.
+    /// Unless [`Self::is_trusted`], a whole-blob read is hashed while it streams (the last chunk
+    /// is held back until the digest matched) and a partial one waits for a whole-file hash; a
+    /// mismatch evicts the blob and ends the stream with `Err(Corrupt)`.
     pub fn reader(&self, start: u64, end_inclusive: u64) -> BlobStream {
-        match resolve(start, end_inclusive, self.len()) {
-            Ok((start, stop)) => {
-                let pin = self.pin.clone();
-                self.obj
-                    .range(start, stop)
-                    .map(move |item| {
-                        let _pinned = &pin;
-                        item
-                    })
-                    .boxed()
-            }
-            Err(e) => error_stream(e),
-        }
+        let len = self.len();
+        let (start, stop) = match resolve(start, end_inclusive, len) {
+            Ok(r) => r,
+            Err(e) => return error_stream(e),
+        };
+        let pin = self.pin.clone();
+        let body = if self.is_trusted() {
+            self.obj.range(start, stop)
+        } else if start == 0 && stop == len {
+            verify::verifying_stream(
+                self.inner.clone(),
+                self.hex.clone(),
+                self.entry.clone(),
+                self.obj.range(start, stop),
+                len,
+            )
+        } else {
+            let (inner, hex, entry, obj) = (
+                self.inner.clone(),
+                self.hex.clone(),
+                self.entry.clone(),
+                self.obj.clone(),
+            );
+            futures_util::stream::once(async move {
+                match inner.verify_object(&hex, &obj, &entry, None).await {
+                    Ok(true) => obj.range(start, stop),
+                    Ok(false) => error_stream(CacheError::Corrupt(format!(
+                        "cached blob sha256:{hex} failed verification"
+                    ))),
+                    Err(e) => error_stream(e),
+                }
+            })
+            .flatten()
+            .boxed()
+        };
+        body.map(move |item| {
+            let _pinned = &pin;
+            item
+        })
+        .boxed()
     }
 }
 
@@ -209,6 +285,7 @@ pub(crate) struct Inner {
     shutdown: CancellationToken,
     evict_lock: tokio::sync::Mutex<()>,
     evict_pending: AtomicBool,
+    health: std::sync::Mutex<degraded::Health>,
 }
 
 impl Inner {
@@ -257,7 +334,7 @@ impl Cache {
 
     /// Like [`Cache::open`] on any [`BlobStore`] backend.
     pub async fn with_store(
-        cfg: CacheConfig,
+        mut cfg: CacheConfig,
         store: Arc<dyn BlobStore>,
         tasks: TaskTracker,
         shutdown: CancellationToken,
@@ -273,6 +350,24 @@ impl Cache {
         if cfg.persist {
             rebuild(store.as_ref(), &index).await?;
         }
+        if cfg.max_size.is_none()
+            && let Some(fraction) = cfg.auto_max_size
+        {
+            match store.free_space().await {
+                Ok(Some(free)) => {
+                    // Sizes far below 2^53: the f64 round trip is exact enough for a cap.
+                    let cap = ((free.saturating_add(index.size())) as f64 * fraction) as u64;
+                    tracing::info!(
+                        cap,
+                        free,
+                        "no --cache-max-size: cache capped from free space"
+                    );
+                    cfg.max_size = Some(cap);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "free space unknown; cache size unbounded"),
+            }
+        }
         let inner = Arc::new(Inner {
             cfg,
             store,
@@ -283,6 +378,7 @@ impl Cache {
             shutdown,
             evict_lock: tokio::sync::Mutex::new(()),
             evict_pending: AtomicBool::new(false),
+            health: std::sync::Mutex::default(),
         });
         tracing::info!(
             swept,
@@ -292,6 +388,11 @@ impl Cache {
             "cache opened"
         );
         inner.maybe_evict();
+        if let Some(rate) = inner.cfg.scrub_rate.filter(|r| *r > 0 && inner.cfg.persist) {
+            inner
+                .tasks
+                .spawn(verify::scrub(inner.clone(), rate, inner.cfg.scrub_interval));
+        }
         Ok(Cache { inner })
     }
 
@@ -317,6 +418,9 @@ impl Cache {
                 Ok(Some(BlobHit {
                     obj,
                     pin: Arc::new(pin),
+                    entry,
+                    hex,
+                    inner: inner.clone(),
                 }))
             }
             other => {
@@ -334,43 +438,10 @@ impl Cache {
     /// Deep check (re-hash) on demand: removes the blob and returns `false` if it is corrupt;
     /// `false` too if it is not cached.
     pub async fn verify_blob(&self, digest: &Digest) -> Result<bool, CacheError> {
-        let Some(hit) = self.blob(digest).await? else {
-            return Ok(false);
-        };
-        let hex = Hex::from_digest(digest)?;
-        let mut hasher = names::Sha256Hasher::new();
-        let mut stream = hit.reader(0, u64::MAX);
-        let mut n = 0u64;
-        let mut read_ok = true;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(b) => {
-                    n += b.len() as u64;
-                    hasher.update(&b);
-                }
-                Err(_) => {
-                    read_ok = false;
-                    break;
-                }
-            }
+        match self.blob(digest).await? {
+            Some(hit) => hit.verify().await,
+            None => Ok(false),
         }
-        drop(stream);
-        let len = hit.len();
-        drop(hit);
-        if read_ok && n == len && hasher.finish_hex() == hex.as_str() {
-            return Ok(true);
-        }
-        tracing::warn!(%digest, "cached blob failed verification, removing");
-        self.inner.index.remove_blob(&hex);
-        self.inner
-            .store
-            .remove(ObjectKey {
-                kind: Kind::Blob,
-                hex,
-            })
-            .await?;
-        self.inner.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-        Ok(false)
     }
 
     /// Joins the in-flight fill for `digest` or starts one (single flight) fed by `source`. The
@@ -387,7 +458,12 @@ impl Cache {
         let shared = match self.inner.inflight.entry(hex.clone()) {
             Entry::Occupied(o) => return Fill::new(o.get().clone(), false),
             Entry::Vacant(v) => {
-                let shared = Arc::new(FillShared::new(digest.clone()));
+                let fallback = degraded::Fallback {
+                    source: source.clone(),
+                    tasks: self.inner.tasks.clone(),
+                    shutdown: self.inner.shutdown.clone(),
+                };
+                let shared = Arc::new(FillShared::new(digest.clone(), Some(fallback)));
                 v.insert(shared.clone());
                 shared
             }
@@ -399,6 +475,35 @@ impl Cache {
         };
         self.inner.tasks.spawn(fill::run(guard, source));
         Fill::new(shared, true)
+    }
+
+    /// A verified pass-through that bypasses the spool: for a request whose fill failed with
+    /// [`FillError::Spool`] before it could stream. Opens the source at 0 now (so the length
+    /// is known), hashes the body as it streams and holds the last chunk back until the
+    /// digest matched.
+    pub async fn pass_through(
+        &self,
+        digest: &Digest,
+        source: Arc<dyn BlobSource>,
+    ) -> Result<PassThrough, FillError> {
+        let hex =
+            Hex::from_digest(digest).map_err(|_| FillError::InvalidDigest(digest.to_string()))?;
+        let body = source.open(0).await.map_err(FillError::Source)?;
+        let Some(len) = body.total_len else {
+            return Err(FillError::Source(SourceError::fatal(
+                std::io::Error::other("upstream sent no blob length"),
+            )));
+        };
+        Ok(PassThrough {
+            len,
+            hex,
+            body,
+            fallback: degraded::Fallback {
+                source,
+                tasks: self.inner.tasks.clone(),
+                shutdown: self.inner.shutdown.clone(),
+            },
+        })
     }
 
     /// Joins the fill running for `digest` without starting one (e.g. to answer a `HEAD`
@@ -483,7 +588,17 @@ impl Cache {
             Ok(spool)
         })
         .await
-        .map_err(CacheError::join)??;
+        .map_err(CacheError::join)?;
+        let spool = match spool {
+            Ok(s) => s,
+            Err(e) => {
+                inner.note_write_error("manifest", &e);
+                if let Err(e) = inner.store.repair().await {
+                    tracing::debug!(error = %e, "recreating the cache directories failed");
+                }
+                return Err(e.into());
+            }
+        };
         let meta = ObjectMeta {
             size,
             media_type: Some(media_type.to_owned()),
@@ -493,7 +608,11 @@ impl Cache {
             kind: Kind::Manifest,
             hex: hex.clone(),
         };
-        inner.store.commit(spool, key, meta).await?;
+        if let Err(e) = inner.store.commit(spool, key, meta).await {
+            inner.note_write_error("manifest", &e);
+            return Err(e.into());
+        }
+        inner.note_write_ok();
         inner.index.insert_manifest(
             hex,
             ManifestEntry {
@@ -549,10 +668,15 @@ impl Cache {
             checked_at_ms: now_ms(),
         };
         let bytes = serde_json::to_vec(&file).map_err(|e| CacheError::Corrupt(e.to_string()))?;
-        self.inner
+        if let Err(e) = self
+            .inner
             .store
             .put_record(key.clone(), Bytes::from(bytes))
-            .await?;
+            .await
+        {
+            self.inner.note_write_error("tag record", &e);
+            return Err(e.into());
+        }
         self.inner.index.tags.insert(key, hex);
         Ok(())
     }
@@ -576,6 +700,53 @@ impl Cache {
             digest_mismatches_total: i.stats.digest_mismatches.load(Ordering::Relaxed),
             resumes_total: i.stats.resumes.load(Ordering::Relaxed),
             corrupt_total: i.stats.corrupt.load(Ordering::Relaxed),
+            write_errors_total: i.stats.write_errors.load(Ordering::Relaxed),
+            degraded_since: i.health().since_unix,
+            last_write_error: i.health().last_error,
+        }
+    }
+}
+
+/// A verified upstream body for one request (see [`Cache::pass_through`]).
+pub struct PassThrough {
+    len: u64,
+    hex: Hex,
+    body: SourceBody,
+    fallback: degraded::Fallback,
+}
+
+impl std::fmt::Debug for PassThrough {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PassThrough")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PassThrough {
+    /// Blob length the upstream announced.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the blob is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes `start..=end_inclusive` (clamped); the whole body is still read and verified,
+    /// and the last piece handed out only once the digest matched.
+    pub fn reader(self, start: u64, end_inclusive: u64) -> BlobStream {
+        match resolve(start, end_inclusive, self.len) {
+            Ok((start, stop)) => degraded::verified_stream(
+                self.fallback,
+                self.hex,
+                None,
+                Some(self.body),
+                start,
+                Some(stop),
+            ),
+            Err(e) => error_stream(e),
         }
     }
 }
@@ -601,7 +772,7 @@ async fn rebuild(store: &dyn BlobStore, index: &Index) -> Result<(), CacheError>
     for l in store.list(Kind::Blob).await? {
         match &l.meta {
             Some(m) if m.size == l.len => {
-                drop(index.insert_blob(l.key.hex, l.len, ms_of(l.last_access)));
+                drop(index.insert_blob(l.key.hex, l.len, ms_of(l.last_access), false));
             }
             _ => {
                 tracing::warn!(digest = %l.key.hex, len = l.len, "dropping truncated or unrecorded blob");

@@ -140,6 +140,15 @@ pub trait BlobStore: Send + Sync + 'static {
     fn remove_record(&self, key: TagKey) -> BoxFuture<'static, io::Result<()>>;
     /// Every tag record.
     fn list_records(&self) -> BoxFuture<'static, io::Result<Vec<Bytes>>>;
+    /// Recreates whatever local structure a write needs after it was removed underneath.
+    fn repair(&self) -> BoxFuture<'static, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Bytes still free for the store (filesystem space available to this process), when the
+    /// backend can tell; the default size cap is derived from it.
+    fn free_space(&self) -> BoxFuture<'static, io::Result<Option<u64>>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The filesystem backend (the embedded default).
@@ -174,9 +183,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl FsStore {
     /// Creates the directory tree under `root`. Blocking.
     pub fn create(root: &Path) -> io::Result<Self> {
-        for sub in ["blobs/sha256", "manifests/sha256", "tags", "tmp"] {
-            fs_err::create_dir_all(root.join(sub))?;
-        }
+        create_tree(root)?;
         Ok(Self {
             root: Arc::new(root.to_path_buf()),
         })
@@ -270,6 +277,13 @@ impl FsStore {
         }
         Ok(out)
     }
+}
+
+fn create_tree(root: &Path) -> io::Result<()> {
+    for sub in ["blobs/sha256", "manifests/sha256", "tags", "tmp"] {
+        fs_err::create_dir_all(root.join(sub))?;
+    }
+    Ok(())
 }
 
 fn remove_any(path: &Path) -> io::Result<()> {
@@ -403,6 +417,19 @@ impl BlobStore for FsStore {
                 let _ = std::fs::remove_dir(dir);
             }
             Ok(())
+        })
+    }
+
+    fn repair(&self) -> BoxFuture<'static, io::Result<()>> {
+        let root = self.root.clone();
+        blocking(move || create_tree(&root))
+    }
+
+    fn free_space(&self) -> BoxFuture<'static, io::Result<Option<u64>>> {
+        let root = self.root.clone();
+        blocking(move || {
+            let st = rustix::fs::statvfs(root.as_path()).map_err(io::Error::from)?;
+            Ok(Some(st.f_bavail.saturating_mul(st.f_frsize)))
         })
     }
 

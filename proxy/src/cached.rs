@@ -273,6 +273,16 @@ pub async fn blob(
     let sha256 = digest.algorithm().as_ref() == "sha256";
     if sha256 {
         match layer.cache.blob(digest).await {
+            // A Range of a blob not yet verified in this process is checked first, so rotten
+            // bytes turn into a refill instead of an aborted 206.
+            Ok(Some(hit))
+                if !head
+                    && req_headers.contains_key(header::RANGE)
+                    && !hit.is_trusted()
+                    && !matches!(hit.verify().await, Ok(true)) =>
+            {
+                tracing::warn!(%digest, "cached blob failed verification before a Range; refetching");
+            }
             Ok(Some(hit)) => {
                 metrics.cache("blob", "hit");
                 let len = hit.len();
@@ -315,14 +325,34 @@ pub async fn blob(
         scope: scope.to_owned(),
         metrics: metrics.clone(),
     });
-    let fill = layer.cache.fill(digest, source);
+    let fill = layer.cache.fill(digest, source.clone());
     let result = if fill.is_leader() {
         "miss"
     } else {
         "coalesced"
     };
     metrics.cache("blob", result);
-    let len = fill.meta().await.map_err(|e| fill_error(&e))?;
+    let len = match fill.meta().await {
+        Ok(len) => len,
+        // The cache cannot write: serve this client straight from the upstream, verified.
+        Err(FillError::Spool(_)) => {
+            let pt = layer
+                .cache
+                .pass_through(digest, source)
+                .await
+                .map_err(|e| fill_error(&e))?;
+            return blob_response(
+                digest,
+                pt.len(),
+                req_headers,
+                false,
+                metrics,
+                "upstream",
+                move |s, e| pt.reader(s, e),
+            );
+        }
+        Err(e) => return Err(fill_error(&e)),
+    };
     blob_response(
         digest,
         len,

@@ -51,6 +51,15 @@ pub enum ClientAuthMode {
     Htpasswd,
 }
 
+/// When cached blobs are re-hashed on read (`registry_cache::VerifyMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheVerify {
+    /// Every whole-blob hit is hashed while it streams; Ranges hash the whole file first.
+    Always,
+    /// Once per blob and process (first read or the fill itself), then by the scrub.
+    FirstRead,
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -151,6 +160,21 @@ pub struct Args {
     /// Upper bound of the cache size, e.g. 20GiB.
     #[arg(long, env = "REGISTRY_PROXY_CACHE_MAX_SIZE", value_parser = parse_size)]
     pub cache_max_size: Option<u64>,
+    /// When cached blobs are re-hashed on read.
+    #[arg(
+        long,
+        env = "REGISTRY_PROXY_CACHE_VERIFY",
+        value_enum,
+        default_value = "first-read"
+    )]
+    pub cache_verify: CacheVerify,
+    /// Bandwidth of the background scrub that re-hashes every cached blob, per second
+    /// (0 = no scrub).
+    #[arg(long, env = "REGISTRY_PROXY_CACHE_SCRUB_RATE", default_value = "16MiB", value_parser = parse_size)]
+    pub cache_scrub_rate: u64,
+    /// Pause between two scrub passes over the whole cache.
+    #[arg(long, env = "REGISTRY_PROXY_CACHE_SCRUB_INTERVAL", default_value = "6h", value_parser = humantime::parse_duration)]
+    pub cache_scrub_interval: Duration,
     /// Warm the layers of fetched manifests in the background.
     #[arg(long, env = "REGISTRY_PROXY_PREFETCH_LAYERS")]
     pub prefetch_layers: bool,

@@ -225,9 +225,15 @@ pub fn cache_dir(dir: &Path) -> Result<(), ConfigError> {
         Err(e) => return Err(file_error(FLAG, dir, &e)),
     }
     let probe = dir.join(".write-probe");
-    std::fs::write(&probe, b"ok")
-        .and_then(|()| std::fs::remove_file(&probe))
-        .map_err(|e| {
+    match std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe)) {
+        Ok(()) => Ok(()),
+        // A full disk is not a configuration error: the cache fails open (serves from the
+        // upstream, reports degraded) until space comes back.
+        Err(e) if e.kind() == ErrorKind::StorageFull => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err({
             let problem = match e.kind() {
                 ErrorKind::PermissionDenied => "is not writable (permission denied)".to_owned(),
                 ErrorKind::ReadOnlyFilesystem => {
@@ -236,7 +242,8 @@ pub fn cache_dir(dir: &Path) -> Result<(), ConfigError> {
                 kind => format!("is not writable ({kind})"),
             };
             bad(FLAG, dir, problem)
-        })
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -211,7 +211,15 @@ async fn open_cache(
     let cfg = registry_cache::CacheConfig {
         dir: dir.clone(),
         max_size: config.args.cache_max_size,
+        // docs/operations.md: "Default size cap".
+        auto_max_size: Some(0.8),
         persist: true,
+        verify: match config.args.cache_verify {
+            config::CacheVerify::Always => registry_cache::VerifyMode::Always,
+            config::CacheVerify::FirstRead => registry_cache::VerifyMode::FirstRead,
+        },
+        scrub_rate: Some(config.args.cache_scrub_rate),
+        scrub_interval: config.args.cache_scrub_interval,
         ..registry_cache::CacheConfig::default()
     };
     let cache = registry_cache::Cache::open(cfg, tasks.clone(), shutdown)

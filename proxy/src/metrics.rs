@@ -57,6 +57,12 @@ pub struct Metrics {
     pub cache_digest_mismatches: IntCounter,
     /// Upstream re-opens (`Range: bytes=N-`) after a mid-blob failure.
     pub cache_fill_resumes: IntCounter,
+    /// Cached objects found truncated or not matching their digest, and evicted.
+    pub cache_corrupt: IntCounter,
+    /// 1 while cache writes fail and pulls bypass the cache.
+    pub cache_degraded: IntGauge,
+    /// Failed cache writes (spool, commit, manifest, tag record).
+    pub cache_write_errors: IntCounter,
     /// Last upstream probe outcome: 1 on the current outcome, 0 on the others.
     pub probe_outcome: IntGaugeVec,
     /// Unix time of the last successful probe.
@@ -184,6 +190,18 @@ impl Metrics {
             "registry_proxy_cache_fill_resumes_total",
             "Upstream re-requests with Range after a blob body broke mid-way.",
         );
+        let cache_corrupt = IntCounter::new(
+            "registry_proxy_cache_corrupt_total",
+            "Cached objects found truncated or not matching their digest on read, at start-up or by the scrub, and evicted.",
+        );
+        let cache_degraded = IntGauge::new(
+            "registry_proxy_cache_degraded",
+            "1 while writes to the cache fail and pulls are served from the upstream without it.",
+        );
+        let cache_write_errors = IntCounter::new(
+            "registry_proxy_cache_write_errors_total",
+            "Failed writes to the cache (spool, commit, manifest, tag record).",
+        );
         let probe_outcome = IntGaugeVec::new(
             Opts::new(
                 "registry_proxy_upstream_probe_outcome",
@@ -221,6 +239,9 @@ impl Metrics {
             cache_evictions: ok_or_unregistered(cache_evictions),
             cache_digest_mismatches: ok_or_unregistered(cache_digest_mismatches),
             cache_fill_resumes: ok_or_unregistered(cache_fill_resumes),
+            cache_corrupt: ok_or_unregistered(cache_corrupt),
+            cache_degraded: ok_or_unregistered(cache_degraded),
+            cache_write_errors: ok_or_unregistered(cache_write_errors),
             probe_outcome: ok_or_unregistered(probe_outcome),
             probe_last_success: ok_or_unregistered(probe_last_success),
             cert_expiry: ok_or_unregistered(cert_expiry),
@@ -296,6 +317,9 @@ impl Metrics {
             Box::new(self.cache_evictions.clone()),
             Box::new(self.cache_digest_mismatches.clone()),
             Box::new(self.cache_fill_resumes.clone()),
+            Box::new(self.cache_corrupt.clone()),
+            Box::new(self.cache_degraded.clone()),
+            Box::new(self.cache_write_errors.clone()),
             Box::new(self.probe_outcome.clone()),
             Box::new(self.probe_last_success.clone()),
             Box::new(self.cert_expiry.clone()),
@@ -378,15 +402,27 @@ impl Metrics {
             .with_label_values(&["tag"])
             .set(clamp(s.tag_entries));
         self.cache_fills_in_flight.set(clamp(s.fills_in_flight));
+        self.cache_degraded
+            .set(i64::from(s.degraded_since.is_some()));
         for (counter, total) in [
             (&self.cache_evictions, s.evictions_total),
             (&self.cache_digest_mismatches, s.digest_mismatches_total),
             (&self.cache_fill_resumes, s.resumes_total),
+            (&self.cache_corrupt, s.corrupt_total),
+            (&self.cache_write_errors, s.write_errors_total),
         ] {
             let seen = counter.get();
             if total > seen {
                 counter.inc_by(total - seen);
             }
+        }
+    }
+
+    /// The cache's current counters, when a cache is configured.
+    pub fn cache_stats(&self) -> Option<registry_cache::CacheStats> {
+        match self.stats_source.lock() {
+            Ok(g) => g.as_ref().map(|f| f()),
+            Err(_) => None,
         }
     }
 

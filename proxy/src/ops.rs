@@ -69,11 +69,22 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
     let listening = s.ready.is_ready();
     let upstream_ok = probe.outcome == "ok";
     let ready = listening && (!s.strict || upstream_ok);
+    // A degraded cache does not fail readiness: pulls still work, from the upstream.
+    let cache = s.metrics.cache_stats().map(|c| {
+        serde_json::json!({
+            "degraded": c.degraded_since.is_some(),
+            "degraded_since": c.degraded_since,
+            "last_write_error": c.last_write_error.map(|k| k.to_string()),
+            "write_errors": c.write_errors_total,
+            "corrupt": c.corrupt_total,
+        })
+    });
     let body = serde_json::json!({
         "ready": ready,
         "listening": listening,
         "strict": s.strict,
         "upstream": &*probe,
+        "cache": cache,
     });
     let status = if ready {
         StatusCode::OK

@@ -28,27 +28,27 @@ use tokio::{net::TcpListener, task::JoinSet};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-fn up_blob(b: &Blob) -> String {
+pub(super) fn up_blob(b: &Blob) -> String {
     format!("/v2/{UPSTREAM_REPO}/blobs/{}", b.digest)
 }
 
-fn client_blob(b: &Blob) -> String {
+pub(super) fn client_blob(b: &Blob) -> String {
     format!("/v2/system/deckhouse/blobs/{}", b.digest)
 }
 
-fn client_manifest(reference: &str) -> String {
+pub(super) fn client_manifest(reference: &str) -> String {
     format!("/v2/system/deckhouse/manifests/{reference}")
 }
 
-fn up_manifest(reference: &str) -> String {
+pub(super) fn up_manifest(reference: &str) -> String {
     format!("/v2/{UPSTREAM_REPO}/manifests/{reference}")
 }
 
-fn hex(digest: &str) -> &str {
+pub(super) fn hex(digest: &str) -> &str {
     digest.strip_prefix("sha256:").expect("sha256 digest")
 }
 
-fn blob_file(dir: &Path, digest: &str) -> PathBuf {
+pub(super) fn blob_file(dir: &Path, digest: &str) -> PathBuf {
     dir.join("blobs/sha256").join(hex(digest))
 }
 
@@ -57,7 +57,7 @@ fn manifest_file(dir: &Path, digest: &str) -> PathBuf {
 }
 
 /// Regular files under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(super) fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -78,14 +78,18 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 /// A slow upstream body: `len / chunk` chunks `delay` apart, so fills stay in flight long
 /// enough for other clients to join.
-fn slow(chunk: usize, delay_ms: u64) -> Action {
+pub(super) fn slow(chunk: usize, delay_ms: u64) -> Action {
     Action::SlowBody {
         chunk,
         delay: Duration::from_millis(delay_ms),
     }
 }
 
-async fn cached_proxy(upstream_args: Vec<String>, dir: &Path, extra: &[&str]) -> ProxyHandle {
+pub(super) async fn cached_proxy(
+    upstream_args: Vec<String>,
+    dir: &Path,
+    extra: &[&str],
+) -> ProxyHandle {
     let mut args = upstream_args;
     args.push("--cache-dir".into());
     args.push(dir.display().to_string());
@@ -95,7 +99,7 @@ async fn cached_proxy(upstream_args: Vec<String>, dir: &Path, extra: &[&str]) ->
 
 /// Reads one sample from the proxy's Prometheus text: the sum over series of `name` whose
 /// labels include all of `labels` (0 when absent).
-async fn metric(px: &ProxyHandle, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(super) async fn metric(px: &ProxyHandle, name: &str, labels: &[(&str, &str)]) -> f64 {
     let text = test_client()
         .get(px.metrics_url("/metrics"))
         .send()
@@ -107,7 +111,7 @@ async fn metric(px: &ProxyHandle, name: &str, labels: &[(&str, &str)]) -> f64 {
     sum_metric(&text, name, labels)
 }
 
-fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(super) fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut sum = 0.0;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
@@ -133,7 +137,7 @@ fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// Polls `cond` every 20 ms for at most `bound`; panics with `what` on timeout.
-async fn wait_until<F, Fut>(bound: Duration, what: &str, mut cond: F)
+pub(super) async fn wait_until<F, Fut>(bound: Duration, what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -146,7 +150,9 @@ where
 }
 
 /// Reads a whole body; `Err` if the connection broke before Content-Length bytes arrived.
-async fn read_body(mut r: reqwest::Response) -> Result<Vec<u8>, (usize, reqwest::Error)> {
+pub(super) async fn read_body(
+    mut r: reqwest::Response,
+) -> Result<Vec<u8>, (usize, reqwest::Error)> {
     let mut body = Vec::new();
     loop {
         match r.chunk().await {
@@ -159,14 +165,14 @@ async fn read_body(mut r: reqwest::Response) -> Result<Vec<u8>, (usize, reqwest:
 
 /// Waits until no fill is running: a client's body can end before its fill committed
 /// (fsync + rename), so warm-path assertions wait for the commit first.
-async fn settle(px: &ProxyHandle) {
+pub(super) async fn settle(px: &ProxyHandle) {
     wait_until(Duration::from_secs(10), "fills finished", || async {
         metric(px, "registry_proxy_cache_fills_in_flight", &[]).await == 0.0
     })
     .await;
 }
 
-async fn get_ok(px: &ProxyHandle, path: &str) -> Bytes {
+pub(super) async fn get_ok(px: &ProxyHandle, path: &str) -> Bytes {
     let r = test_client().get(px.url(path)).send().await.unwrap();
     assert_eq!(r.status(), 200, "GET {path}");
     r.bytes().await.unwrap()
@@ -1239,7 +1245,7 @@ struct ProxyProcess {
     addr: SocketAddr,
 }
 
-fn proxy_binary() -> PathBuf {
+pub(super) fn proxy_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("REGISTRY_PROXY_BIN") {
         return PathBuf::from(p);
     }
@@ -1258,7 +1264,7 @@ fn proxy_binary() -> PathBuf {
     bin
 }
 
-async fn free_port() -> SocketAddr {
+pub(super) async fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap()

@@ -6,6 +6,7 @@
 mod alias;
 mod auth;
 mod cache;
+mod cache_faults;
 mod config;
 mod contract;
 mod edge;
