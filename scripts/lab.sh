@@ -258,7 +258,7 @@ lab_start_upstream() {
     # G0: our own config, bound to loopback only.
     cat >"$LAB/up/config.yml" <<EOF
 version: 0.1
-log: {level: info, accesslog: {disabled: true}}
+log: {level: info, accesslog: {disabled: ${LAB_UPSTREAM_NO_ACCESSLOG:-true}}}
 storage:
   filesystem: {rootdirectory: $LAB/up/data}
   delete: {enabled: true}

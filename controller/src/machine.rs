@@ -5,7 +5,7 @@
 
 use crate::conditions::{Conditions, reasons, types};
 use crate::config::{ConfigError, Mode, Target, UpstreamParams};
-use crate::render::{BashibleConfig, RegistryAccess};
+use crate::render::{BashibleConfig, ProxyEndpoint, RegistryAccess};
 use crate::state::{CheckerRecord, RedactedParams, StateDoc};
 
 /// A node as the pipeline sees it.
@@ -133,6 +133,8 @@ pub struct Observed {
     pub deckhouse_pod: Option<DeckhousePodObs>,
     /// Module CA PEM.
     pub ca_pem: String,
+    /// Where nodes dial the proxy (the Service's ClusterIP), once the Service has one.
+    pub proxy_endpoint: Option<ProxyEndpoint>,
 }
 
 /// What to do with Service `registry`.
@@ -295,7 +297,7 @@ fn common_steps(
     p: &UpstreamParams,
 ) -> (bool, BashibleConfig) {
     let o = x.o;
-    let final_cfg = BashibleConfig::single(target_mode, p);
+    let final_cfg = BashibleConfig::single(target_mode, p, o.proxy_endpoint.as_ref());
     // 1. Checker.
     let expected = o.checker_version.clone().unwrap_or_default();
     match &o.checker {
@@ -336,7 +338,9 @@ fn common_steps(
     x.ok(types::CONTAINERD_CONFIG_PREFLIGHT_READY);
     // 4. Transition: old and new mirrors; a node already on the final config also counts.
     let transition = match &o.actual {
-        Some((m, a)) => BashibleConfig::transition(*m, a, target_mode, p),
+        Some((m, a)) => {
+            BashibleConfig::transition(*m, a, target_mode, p, o.proxy_endpoint.as_ref())
+        }
         None => final_cfg.clone(),
     };
     if let Some(msg) = node_wait_message(
@@ -444,7 +448,14 @@ fn to_direct(x: &mut Ctx<'_>, plan: &mut Plan, p: &UpstreamParams) {
     if !switch_step(x, plan, RegistryAccess::for_direct(p, &o.ca_pem)) {
         return;
     }
-    // 8. Final node config.
+    // 8. Final node config: the proxy first, so it needs the Service's ClusterIP.
+    if o.proxy_endpoint.is_none() {
+        x.wait(
+            types::FINAL_CONTAINERD_CONFIG_READY,
+            "Waiting for a ClusterIP of Service registry",
+        );
+        return;
+    }
     if !final_step(x, plan, final_cfg) {
         return;
     }

@@ -87,17 +87,32 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         masters: usize,
     },
-    /// Print the node containerd files for a ModuleConfig.
+    /// Keep the node files of a mounted Secret in a host directory (the node-config DaemonSet).
+    NodeFiles {
+        /// Mounted Secret `registry-stock-containerd-hosts`.
+        #[arg(long)]
+        source: PathBuf,
+        /// Host directory, e.g. `/etc/containerd/certs.d/registry.d8-system.svc:5001`.
+        #[arg(long)]
+        target: PathBuf,
+        /// How often the Secret is compared with the files.
+        #[arg(long, default_value = "60s", value_parser = humantime_secs)]
+        interval: Duration,
+    },
+    /// Print the node containerd files of the final step for a ModuleConfig.
     HostsToml {
         /// ModuleConfig `deckhouse` (YAML or JSON).
         #[arg(long)]
         module_config: PathBuf,
+        /// `IP:PORT` nodes dial the proxy at (ClusterIP of Service `registry`); required in Direct.
+        #[arg(long)]
+        proxy_address: Option<String>,
         /// Also print the stock-containerd file, mirroring to this ClusterIP of Service `registry`.
         #[arg(long)]
         stock_cluster_ip: Option<String>,
-        /// CA PEM file for the stock-containerd file.
-        #[arg(long)]
-        stock_ca_file: Option<PathBuf>,
+        /// Module CA PEM file (the proxy mirror's `ca`).
+        #[arg(long, alias = "stock-ca-file")]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -155,19 +170,57 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             print!("{}", state::status_output(&secret)?);
         }
+        Cmd::NodeFiles {
+            source,
+            target,
+            interval,
+        } => {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            loop {
+                let (s, t) = (source.clone(), target.clone());
+                match tokio::task::spawn_blocking(move || {
+                    render::node_config::sync_node_files(&s, &t)
+                })
+                .await?
+                {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(files = n, target = %target.display(), "node files written")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "node files"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = term.recv() => return Ok(()),
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+        }
         Cmd::Render {
             module_config,
             settings,
             masters,
         } => {
             let mc = read_module_config(&module_config)?;
-            let objs = render_all(&mc, &settings.into(), masters)?;
+            let stock = settings.stock_containerd;
+            let image = settings.proxy_image.clone();
+            let mut objs = render_all(&mc, &settings.into(), masters)?;
+            if stock {
+                // The node-config DaemonSet runs the controller's image; its tag follows the
+                // proxy image's here, override it like any other image in the kustomization.
+                let image = image.replacen("registry-proxy", "registry-controller", 1);
+                objs.push(serde_json::to_value(
+                    render::node_config::node_config_daemonset(&image)?,
+                )?);
+            }
             print!("{}", render::to_multi_yaml(&objs)?);
         }
         Cmd::HostsToml {
             module_config,
+            proxy_address,
             stock_cluster_ip,
-            stock_ca_file,
+            ca_file,
         } => {
             let mc = parse_module_config(&read_module_config(&module_config)?)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -180,17 +233,30 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             } else {
                 Mode::Unmanaged
             };
-            let cfg = BashibleConfig::single(mode, p);
+            let ca = match ca_file {
+                Some(f) => {
+                    std::fs::read_to_string(&f).with_context(|| format!("read {}", f.display()))?
+                }
+                None => "<module CA PEM from deckhouse-registry .data.ca>\n".to_string(),
+            };
+            let proxy = match (mode, proxy_address) {
+                (Mode::Direct, Some(a)) => Some(
+                    render::ProxyEndpoint::parse(&a, &ca)
+                        .with_context(|| format!("--proxy-address {a:?}: expected IP:PORT"))?,
+                ),
+                (Mode::Direct, None) => {
+                    anyhow::bail!(
+                        "Direct: --proxy-address IP:PORT (ClusterIP of Service registry) is required"
+                    )
+                }
+                _ => None,
+            };
+            let cfg = BashibleConfig::single(mode, p, proxy.as_ref());
             print!(
                 "{}",
                 render::format_node_files(&render::dkp_hosts_toml(&cfg))
             );
             if let Some(ip) = stock_cluster_ip {
-                let ca = match stock_ca_file {
-                    Some(f) => std::fs::read_to_string(&f)
-                        .with_context(|| format!("read {}", f.display()))?,
-                    None => "<module CA PEM from deckhouse-registry .data.ca>\n".to_string(),
-                };
                 print!(
                     "{}",
                     render::format_node_files(&render::stock_hosts_toml(&ip, &ca, p.credentials()))

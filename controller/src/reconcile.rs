@@ -284,11 +284,9 @@ impl Reconciler {
         let mut proxy = None;
         if let (Some(p), Some(ca)) = (&target_direct, &ca) {
             let config = secrets.get_opt(PROXY_CONFIG_SECRET).await?;
-            let sans = pki::leaf_sans(if self.settings.stock_containerd {
-                cluster_ip.as_deref()
-            } else {
-                None
-            });
+            // Nodes dial the proxy by ClusterIP, so the leaf carries it as soon as the Service
+            // has one; the final node config waits for that IP and for this leaf's rollout.
+            let sans = pki::leaf_sans(cluster_ip.as_deref());
             let reuse = config.as_ref().and_then(|c| {
                 let ann = c.annotations();
                 let same_ca = secret_str(c, "ca.crt").as_deref() == Some(ca.cert_pem.as_str());
@@ -324,6 +322,9 @@ impl Reconciler {
                     token_key: token_key.clone(),
                 },
                 probe_reference: probe_reference.clone(),
+                node_address: cluster_ip.as_deref().and_then(|ip| {
+                    render::ProxyEndpoint::for_cluster_ip(ip, "").map(|e| e.address)
+                }),
             };
             proxy = Some(render::proxy_objects(&inputs)?);
         }
@@ -391,6 +392,10 @@ impl Reconciler {
             deckhouse_registry,
             deckhouse_pod,
             ca_pem: ca.as_ref().map(|c| c.cert_pem.clone()).unwrap_or_default(),
+            proxy_endpoint: cluster_ip
+                .as_deref()
+                .zip(ca.as_ref())
+                .and_then(|(ip, c)| render::ProxyEndpoint::for_cluster_ip(ip, &c.cert_pem)),
         };
         let plan = machine::step(&observed);
         let hash = observation_hash(&observed);
@@ -548,6 +553,7 @@ pub fn render_all(
                     token_key: pki::generate_token_key()?,
                 },
                 probe_reference: settings.probe_reference.clone(),
+                node_address: None,
             })?;
             out.push(to_v("config", &px.config)?);
             out.push(to_v("deployment", &px.deployment)?);
@@ -559,7 +565,7 @@ pub fn render_all(
             )?);
             out.push(to_v(
                 "bashible",
-                &BashibleConfig::single(Mode::Direct, p).to_secret()?,
+                &BashibleConfig::single(Mode::Direct, p, None).to_secret()?,
             )?);
         }
         Target::Unmanaged(Some(p)) => {
@@ -569,7 +575,7 @@ pub fn render_all(
             )?);
             out.push(to_v(
                 "bashible",
-                &BashibleConfig::single(Mode::Unmanaged, p).to_secret()?,
+                &BashibleConfig::single(Mode::Unmanaged, p, None).to_secret()?,
             )?);
         }
         _ => {}

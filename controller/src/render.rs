@@ -17,6 +17,8 @@ use crate::config::{Mode, Scheme, UpstreamParams};
 use crate::consts::*;
 use crate::{Error, Result, sha256_hex};
 
+pub mod node_config;
+
 /// Labels on every object the controller applies.
 pub fn owner_labels() -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -300,18 +302,72 @@ fn mirror_for(p: &UpstreamParams, rewrite: bool) -> Mirror {
     }
 }
 
-/// Host map and images base nodes need for `mode` with upstream `p`.
-pub fn hosts_for(mode: Mode, p: &UpstreamParams) -> (String, BTreeMap<String, HostMirrors>) {
+/// Where a node dials the proxy: the `registry` Service's ClusterIP and port. Node DNS cannot
+/// resolve `.svc`, but kube-proxy/Cilium route ClusterIPs from the host network, so this is
+/// the address containerd can reach without cluster DNS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyEndpoint {
+    /// `ip:port` (IPv6 in brackets).
+    pub address: String,
+    /// Module CA PEM the serving leaf chains to.
+    pub ca_pem: String,
+}
+
+impl ProxyEndpoint {
+    /// The endpoint for a ClusterIP; `None` for a headless Service or anything that is not an IP
+    /// (the address goes into a URL and a certificate SAN, so it must be exactly an IP).
+    pub fn for_cluster_ip(cluster_ip: &str, ca_pem: &str) -> Option<Self> {
+        let ip: std::net::IpAddr = cluster_ip.parse().ok()?;
+        Some(ProxyEndpoint {
+            address: std::net::SocketAddr::new(ip, u16::try_from(REGISTRY_PORT).ok()?).to_string(),
+            ca_pem: ca_pem.to_string(),
+        })
+    }
+
+    /// Parses `ip:port` as given on the command line.
+    pub fn parse(address: &str, ca_pem: &str) -> Option<Self> {
+        let sa: std::net::SocketAddr = address.parse().ok()?;
+        Some(ProxyEndpoint {
+            address: sa.to_string(),
+            ca_pem: ca_pem.to_string(),
+        })
+    }
+}
+
+/// The proxy as a mirror: HTTPS to the ClusterIP, our CA, the client credentials (in Direct the
+/// upstream's), no rewrite because the proxy maps `system/deckhouse` itself.
+fn proxy_mirror(proxy: &ProxyEndpoint, p: &UpstreamParams) -> Mirror {
+    Mirror {
+        host: proxy.address.clone(),
+        scheme: "https".to_string(),
+        ca: proxy.ca_pem.clone(),
+        auth: p.credentials().map(|(u, pw)| MirrorAuth {
+            username: u.to_string(),
+            password: pw.to_string(),
+            auth: B64.encode(format!("{u}:{pw}")),
+        }),
+        rewrites: Vec::new(),
+    }
+}
+
+/// Host map and images base nodes need for `mode` with upstream `p`. In Direct with a known
+/// `proxy`, the proxy comes first and the upstream second: containerd tries hosts in order and
+/// falls back to the next one on a connection error or an error status, so the cache serves
+/// every node pull while it is up and the upstream still serves them when it is not.
+pub fn hosts_for(
+    mode: Mode,
+    p: &UpstreamParams,
+    proxy: Option<&ProxyEndpoint>,
+) -> (String, BTreeMap<String, HostMirrors>) {
     match mode {
-        Mode::Direct => (
-            format!("{REGISTRY_HOST}/{PATH_ALIAS}"),
-            BTreeMap::from([(
-                REGISTRY_HOST.to_string(),
-                HostMirrors {
-                    mirrors: vec![mirror_for(p, true)],
-                },
-            )]),
-        ),
+        Mode::Direct => {
+            let mut mirrors: Vec<Mirror> = proxy.map(|e| proxy_mirror(e, p)).into_iter().collect();
+            mirrors.push(mirror_for(p, true));
+            (
+                format!("{REGISTRY_HOST}/{PATH_ALIAS}"),
+                BTreeMap::from([(REGISTRY_HOST.to_string(), HostMirrors { mirrors })]),
+            )
+        }
         _ => (
             p.images_repo(),
             BTreeMap::from([(
@@ -357,22 +413,29 @@ impl BashibleConfig {
         }
     }
 
-    /// Final config of `mode` with upstream `p`.
-    pub fn single(mode: Mode, p: &UpstreamParams) -> Self {
-        let (base, hosts) = hosts_for(mode, p);
+    /// Final config of `mode` with upstream `p`; in Direct, `proxy` is the first mirror.
+    pub fn single(mode: Mode, p: &UpstreamParams, proxy: Option<&ProxyEndpoint>) -> Self {
+        let (base, hosts) = hosts_for(mode, p, proxy);
         Self::new(mode, base, hosts)
     }
 
-    /// Transition config: the old hosts and the new ones; within a host directory the old mirror
-    /// comes first (it still serves what nodes run) unless the new one is the same endpoint.
+    /// Transition config: the old hosts and the new ones; within a host directory the old mirrors
+    /// come first (they still serve what nodes run) unless a new one is the same endpoint.
+    ///
+    /// `proxy` is the proxy as it runs now: when the old mode is Direct it keeps its place in
+    /// front of the old upstream (it still runs the old configuration until step 5). The new
+    /// mode's proxy is not added here: at step 4 it is neither rolled out nor probed, and on a
+    /// first switch its Service has no ClusterIP yet, so adding it later would change the
+    /// transition version under nodes that already applied it. It joins in the final config.
     pub fn transition(
         old_mode: Mode,
         old: &UpstreamParams,
         new_mode: Mode,
         new: &UpstreamParams,
+        proxy: Option<&ProxyEndpoint>,
     ) -> Self {
-        let (_, mut hosts) = hosts_for(old_mode, old);
-        let (base, new_hosts) = hosts_for(new_mode, new);
+        let (_, mut hosts) = hosts_for(old_mode, old, proxy);
+        let (base, new_hosts) = hosts_for(new_mode, new, None);
         for (dir, nm) in new_hosts {
             let entry = hosts.entry(dir).or_default();
             for m in nm.mirrors {
@@ -590,6 +653,8 @@ pub struct ProxyInputs {
     pub pki: ProxyPki,
     /// Manifest reference the proxy's readiness probes upstream (under `system/deckhouse`).
     pub probe_reference: Option<String>,
+    /// `ip:port` nodes dial (the Service's ClusterIP), once known.
+    pub node_address: Option<String>,
 }
 
 /// The rendered proxy objects.
@@ -620,7 +685,11 @@ const PROXY_LABELS: [(&str, &str); 3] = [
 ];
 
 /// Environment of the proxy container (`REGISTRY_PROXY_<FLAG>`); secrets only as file paths.
-pub fn proxy_env(p: &UpstreamParams, probe_reference: Option<&str>) -> Vec<(String, String)> {
+pub fn proxy_env(
+    p: &UpstreamParams,
+    probe_reference: Option<&str>,
+    node_address: Option<&str>,
+) -> Vec<(String, String)> {
     let mut env: Vec<(&str, String)> = vec![
         ("LISTEN", format!("0.0.0.0:{REGISTRY_PORT}")),
         ("METRICS_LISTEN", format!("0.0.0.0:{METRICS_PORT}")),
@@ -638,6 +707,14 @@ pub fn proxy_env(p: &UpstreamParams, probe_reference: Option<&str>) -> Vec<(Stri
     if p.ca.is_some() {
         env.push(("UPSTREAM_CA", "/config/upstream-ca.crt".to_string()));
     }
+    // The names clients dial, so a token challenge names a realm they can reach (pods: the
+    // Service name; nodes: the ClusterIP) and never echoes a foreign Host.
+    let mut realm_hosts = vec![
+        REGISTRY_HOST.to_string(),
+        format!("{SERVICE_NAME}.{NAMESPACE}.svc.cluster.local:{REGISTRY_PORT}"),
+    ];
+    realm_hosts.extend(node_address.map(str::to_string));
+    env.push(("REALM_HOSTS", realm_hosts.join(",")));
     match p.credentials() {
         Some((LICENSE_USERNAME, _)) => {
             env.push(("LICENSE_FILE", "/config/license".to_string()));
@@ -693,7 +770,11 @@ pub fn proxy_config_files(i: &ProxyInputs) -> BTreeMap<String, String> {
 /// Renders the proxy's Secret, Deployment, PDB and Service.
 pub fn proxy_objects(i: &ProxyInputs) -> Result<ProxyObjects> {
     let files = proxy_config_files(i);
-    let env = proxy_env(&i.params, i.probe_reference.as_deref());
+    let env = proxy_env(
+        &i.params,
+        i.probe_reference.as_deref(),
+        i.node_address.as_deref(),
+    );
     // The proxy reloads every file of the config secret (license, password, TLS leaf,
     // token key, upstream CA) in place, so a credential rotation or a leaf renewal must
     // not restart it: the pod-template checksum covers only what needs a restart (the

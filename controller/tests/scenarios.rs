@@ -334,9 +334,20 @@ async fn direct_credential_rotation() {
     let bashible =
         BashibleConfig::from_secret(&read_secret(&env.api, "registry-bashible-config").unwrap())
             .unwrap();
+    // The final config: the proxy by the Service's ClusterIP first, then the upstream; both
+    // with the rotated credentials.
     let m = &bashible.hosts["registry.d8-system.svc:5001"].mirrors;
-    assert_eq!(m.len(), 1);
-    assert_eq!(m[0].auth.as_ref().unwrap().password, "rotated");
+    let hosts: Vec<(&str, &str)> = m
+        .iter()
+        .map(|m| (m.host.as_str(), m.auth.as_ref().unwrap().password.as_str()))
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            ("10.96.0.50:5001", "rotated"),
+            (env.reg.addr.as_str(), "rotated")
+        ]
+    );
 }
 
 #[tokio::test]

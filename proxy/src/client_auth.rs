@@ -35,6 +35,8 @@ pub struct Edge {
     pub auth: ClientAuth,
     /// `https` when serving TLS.
     pub scheme: &'static str,
+    /// The proxy's own names (`--realm-hosts`), normalised; empty = syntax check only.
+    realm_hosts: Arc<[String]>,
     metrics: Arc<Metrics>,
 }
 
@@ -93,28 +95,30 @@ pub fn build(config: &Config, metrics: Arc<Metrics>) -> Result<Edge, Error> {
         } else {
             "http"
         },
+        realm_hosts: config.realm_hosts.clone().into(),
         metrics,
     })
 }
 
+/// The realm used when the request's Host cannot be named back (Deckhouse's address).
+const DEFAULT_REALM_HOST: &str = "registry.d8-system.svc:5001";
+
 /// The host part of the realm: the `Host` header (HTTP/1.1) or the `:authority`
-/// (HTTP/2). Both are client input, so only a plain `host[:port]` is echoed back;
-/// anything else falls back to the fixed address.
-fn realm_host(headers: &HeaderMap, authority: Option<&str>) -> String {
-    let host = headers
+/// (HTTP/2). A client must be able to reach the realm at the address it dialled (a node
+/// dials the ClusterIP, a pod the Service name), but both headers are client input: with an
+/// allow-list of the proxy's own names only those are echoed back, otherwise the first one;
+/// without it only a plain `host[:port]` is, otherwise Deckhouse's address.
+fn realm_host(headers: &HeaderMap, authority: Option<&str>, allowed: &[String]) -> String {
+    let asked = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or(authority)
-        .unwrap_or_default();
-    let ok = !host.is_empty()
-        && host.len() <= 255
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
-    if ok {
-        host.to_owned()
-    } else {
-        "registry.d8-system.svc:5001".to_owned()
+        .and_then(crate::config::normalise_authority);
+    match (asked, allowed.first()) {
+        (Some(h), Some(_)) if allowed.contains(&h) => h,
+        (_, Some(first)) => first.clone(),
+        (Some(h), None) => h,
+        (None, None) => DEFAULT_REALM_HOST.to_owned(),
     }
 }
 
@@ -154,7 +158,7 @@ impl Edge {
                 let realm = format!(
                     "{}://{}/auth/token",
                     self.scheme,
-                    realm_host(headers, authority)
+                    realm_host(headers, authority, &self.realm_hosts)
                 );
                 let challenge = bearer_challenge(&realm, self.auth.service(), repository);
                 let value = HeaderValue::from_str(&challenge)

@@ -224,6 +224,11 @@ pub struct Args {
     /// always offered through ALPN.
     #[arg(long, env = "REGISTRY_PROXY_H2C")]
     pub h2c: bool,
+    /// The proxy's own `host[:port]` names (comma-separated). A token challenge names the
+    /// request's Host as its realm only when it is one of these, else the first; empty: any
+    /// syntactically plain `host[:port]`.
+    #[arg(long, env = "REGISTRY_PROXY_REALM_HOSTS", value_delimiter = ',')]
+    pub realm_hosts: Vec<String>,
     /// Log format.
     #[arg(
         long,
@@ -356,6 +361,28 @@ pub struct Config {
     /// One line each about flags that were accepted but change nothing; the binary logs
     /// them at start-up.
     pub warnings: Vec<String>,
+    /// Normalised `--realm-hosts`.
+    pub realm_hosts: Vec<String>,
+}
+
+/// `host[:port]` in the one spelling the realm check compares: lower case, no userinfo, no
+/// path; `None` for anything else.
+pub fn normalise_authority(s: &str) -> Option<String> {
+    let s = s.trim();
+    if s.is_empty() || s.len() > 255 || s.contains('@') {
+        return None;
+    }
+    let a: http::uri::Authority = s.parse().ok()?;
+    if a.as_str() != s || a.host().is_empty() {
+        return None;
+    }
+    // `Authority` accepts any port text; a realm needs a real port number.
+    if let Some((_, port)) = s.rsplit_once(':').filter(|_| !s.ends_with(']'))
+        && port.parse::<u16>().is_err()
+    {
+        return None;
+    }
+    Some(a.as_str().to_ascii_lowercase())
 }
 
 impl Config {
@@ -437,6 +464,17 @@ impl Config {
                 reason: format!("{r:?} is not a valid tag or digest"),
             });
         }
+        let realm_hosts = args
+            .realm_hosts
+            .iter()
+            .filter(|h| !h.trim().is_empty())
+            .map(|h| {
+                normalise_authority(h).ok_or_else(|| ConfigError::Invalid {
+                    flag: "--realm-hosts",
+                    reason: format!("{h:?} is not a plain host[:port]"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             scheme: args.scheme,
             upstream,
@@ -444,6 +482,7 @@ impl Config {
             credentials,
             upstream_ca,
             warnings,
+            realm_hosts,
             args,
         })
     }

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Client authentication decisions by result.
     pub client_auth: IntCounterVec,
+    /// Successful manifest/blob GETs by client kind, kind and where the bytes came from.
+    pub pulls: IntCounterVec,
     stats_source: std::sync::Arc<std::sync::Mutex<Option<StatsSource>>>,
 }
 
@@ -231,8 +233,16 @@ impl Metrics {
             ),
             &["result"],
         );
+        let pulls = IntCounterVec::new(
+            Opts::new(
+                "registry_proxy_pulls_total",
+                "Successful manifest and blob GETs by client (containerd = node pulls), kind and source.",
+            ),
+            &["client", "kind", "source"],
+        );
         let m = Self {
             registry,
+            pulls: ok_or_unregistered(pulls),
             cache_size: ok_or_unregistered(cache_size),
             cache_entries: ok_or_unregistered(cache_entries),
             cache_fills_in_flight: ok_or_unregistered(cache_fills_in_flight),
@@ -282,6 +292,11 @@ impl Metrics {
         }
         for source in ["cache", "upstream"] {
             m.bytes_served.with_label_values(&[source]).inc_by(0);
+            for client in CLIENT_KINDS {
+                for kind in ["blob", "manifest"] {
+                    m.pulls.with_label_values(&[client, kind, source]).inc_by(0);
+                }
+            }
         }
         for file in ["credentials", "htpasswd", "token_key", "upstream_ca", "tls"] {
             for result in ["ok", "error"] {
@@ -325,6 +340,7 @@ impl Metrics {
             Box::new(self.cert_expiry.clone()),
             Box::new(self.config_reloads.clone()),
             Box::new(self.client_auth.clone()),
+            Box::new(self.pulls.clone()),
         ];
         for c in collectors {
             if let Err(e) = self.registry.register(c) {
@@ -451,6 +467,26 @@ impl std::fmt::Debug for Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The bounded `client` label values.
+pub const CLIENT_KINDS: [&str; 2] = ["containerd", "other"];
+
+/// `containerd` for containerd's user agent (`containerd/1.6.20~ds1`, what kubelet pulls and
+/// `ctr` send), else `other`: a fixed label set whatever clients send.
+pub fn client_kind(user_agent: Option<&http::HeaderValue>) -> &'static str {
+    let containerd = user_agent
+        .map(http::HeaderValue::as_bytes)
+        .is_some_and(|ua| ua.len() >= 11 && ua[..11].eq_ignore_ascii_case(b"containerd/"));
+    if containerd { "containerd" } else { "other" }
+}
+
+/// Where a pull's bytes came from, from the cache result the handler noted.
+pub fn pull_source(cache: Option<&str>) -> &'static str {
+    match cache {
+        Some("hit" | "stale") => "cache",
+        _ => "upstream",
     }
 }
 

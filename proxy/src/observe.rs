@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::error::ErrorInfo;
-use crate::metrics::{Metrics, method_label};
+use crate::metrics::{Metrics, client_kind, method_label, pull_source};
 use crate::routes::RouteLabel;
 
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
@@ -183,6 +183,7 @@ pub async fn layer(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
     let id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
     let method = method_label(req.method());
     let head = req.method() == http::Method::HEAD;
+    let client = client_kind(req.headers().get(http::header::USER_AGENT));
     metrics.in_flight.inc();
     let started = Instant::now();
     let resp = next.run(req).await;
@@ -196,6 +197,15 @@ pub async fn layer(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
         .get::<Notes>()
         .copied()
         .unwrap_or_default();
+    if method == "GET"
+        && resp.status().is_success()
+        && let kind @ ("manifest" | "blob") = route
+    {
+        metrics
+            .pulls
+            .with_label_values(&[client, kind, pull_source(notes.cache)])
+            .inc();
+    }
     let expected = resp
         .headers()
         .get(http::header::CONTENT_LENGTH)

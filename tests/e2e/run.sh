@@ -294,4 +294,14 @@ else
     fail "e2e-image" "$(grep -E '^FAIL|FATAL' "$LAB/logs/e2e-image.out" | head -5; tail -3 "$LAB/logs/e2e-image.out")"
 fi
 lab_log "image under containerd done ($((SECONDS - T1)) s)"
+
+# ---- nodes: two containerd daemons pull through the cache, with fallback to the upstream
+T1=$SECONDS
+if LAB_NO_BUILD=1 PROXY_BIN=$PROXY_BIN TOKEN_BIN=$TOKEN_BIN bash "$HERE/nodes.sh" >"$LAB/logs/e2e-nodes.out" 2>&1; then
+    pass "$(tail -1 "$LAB/logs/e2e-nodes.out")"
+else
+    fail "e2e-nodes" "$(grep -E '^--- failure' "$LAB/logs/e2e-nodes.out" | head -5; tail -3 "$LAB/logs/e2e-nodes.out")"
+fi
+grep '^MEASURED' "$LAB/logs/e2e-nodes.out" >&2
+lab_log "nodes done ($((SECONDS - T1)) s)"
 lab_log "total $((SECONDS - T0)) s"

@@ -567,6 +567,101 @@ async fn challenge_format_and_realm_from_host() {
 }
 
 #[tokio::test]
+async fn realm_names_only_the_proxys_own_addresses() {
+    let (up, _img) = upstream().await;
+    let lic = SecretDir::new(&[("license", LIC.as_bytes())]);
+    // A node dials the Service's ClusterIP, a pod the Service name: both are the proxy's own
+    // names (the controller passes them), nothing else is.
+    let px = start_proxy(&args(
+        &up,
+        &s(&[
+            "--license-file",
+            &lic.arg("license"),
+            "--realm-hosts",
+            "registry.d8-system.svc:5001,10.96.0.50:5001",
+        ]),
+    ))
+    .await;
+    let c = test_client();
+    let with_host = async |h: &str| {
+        c.get(px.url(&manifest_path()))
+            .header(header::HOST, h.to_string())
+            .send()
+            .await
+            .unwrap()
+    };
+    // The address the client dialled is its realm, whatever case it was spelt in.
+    assert_challenge(
+        with_host("10.96.0.50:5001").await,
+        "http://10.96.0.50:5001/auth/token",
+        Some(REPO),
+    )
+    .await;
+    assert_challenge(
+        with_host("REGISTRY.d8-system.svc:5001").await,
+        "http://registry.d8-system.svc:5001/auth/token",
+        Some(REPO),
+    )
+    .await;
+    // Foreign or hostile names get the first own name, never an echo.
+    for hostile in [
+        "mirror.example:8443",
+        "attacker.example",
+        "license-token@registry.d8-system.svc:5001",
+        "10.96.0.51:5001",
+        "10.96.0.50",
+        "registry.d8-system.svc:5001/x",
+        "evil\",x=\"y",
+    ] {
+        assert_challenge(
+            with_host(hostile).await,
+            "http://registry.d8-system.svc:5001/auth/token",
+            Some(REPO),
+        )
+        .await;
+    }
+    // A client that dialled by IP completes the flow: the token from the realm's path works.
+    let tok: serde_json::Value = c
+        .get(px.url(&format!(
+            "/auth/token?service=Deckhouse%20registry&scope=repository:{REPO}:pull"
+        )))
+        .header(header::HOST, "10.96.0.50:5001")
+        .basic_auth("license-token", Some(LIC))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = c
+        .get(px.url(&manifest_path()))
+        .header(header::HOST, "10.96.0.50:5001")
+        .header(header::ACCEPT, OCI_MANIFEST)
+        .bearer_auth(tok["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[test]
+fn realm_hosts_are_validated() {
+    for bad in ["user@host:5001", "host/path", "a b", "host:99999x"] {
+        let err = registry_tests::proxy::parse_config(&["--realm-hosts", bad]).unwrap_err();
+        assert!(err.to_string().contains("--realm-hosts"), "{bad}: {err}");
+    }
+    let ok = registry_tests::proxy::parse_config(&[
+        "--realm-hosts",
+        "Registry.D8-System.svc:5001,10.96.0.50:5001",
+    ])
+    .unwrap();
+    assert_eq!(
+        ok.realm_hosts,
+        ["registry.d8-system.svc:5001", "10.96.0.50:5001"]
+    );
+}
+
+#[tokio::test]
 async fn token_endpoint_get_post_and_use() {
     let (up, img) = upstream().await;
     let lic = SecretDir::new(&[("license", format!("{LIC}\n").as_bytes())]);

@@ -383,3 +383,98 @@ async fn dead_upstream_is_counted_as_errors_and_probe_unreachable() {
     assert_eq!(body["upstream"]["outcome"], "unreachable", "{body}");
     assert_eq!(body["ready"], true, "{body}");
 }
+
+fn pulls(client: &str, kind: &str, source: &str) -> String {
+    format!("registry_proxy_pulls_total{{client=\"{client}\",kind=\"{kind}\",source=\"{source}\"}}")
+}
+
+#[tokio::test]
+async fn pulls_are_counted_by_client_kind_and_source() {
+    let up = FakeUpstream::start().await;
+    let img = Image::random(&[50_000]);
+    up.push_image("deckhouse/ce", Some("v1.0.0"), &img);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mut args = up.proxy_args();
+    args.extend([
+        "--cache-dir".to_owned(),
+        cache_dir.path().display().to_string(),
+        "--probe-interval".to_owned(),
+        "1h".to_owned(),
+    ]);
+    let px = start_proxy(&args).await;
+    let metrics_url = px.metrics_url("/metrics");
+    probe_done(&metrics_url).await;
+    let before = Scrape::take(&metrics_url).await;
+    // Every series of the bounded set exists before the first pull.
+    for client in ["containerd", "other"] {
+        for kind in ["blob", "manifest"] {
+            for source in ["cache", "upstream"] {
+                assert!(
+                    before.present(&pulls(client, kind, source)),
+                    "{client} {kind} {source}"
+                );
+            }
+        }
+    }
+    let c = test_client();
+    let layer = &img.layers[0].digest;
+    let blob = px.url(&format!("/v2/system/deckhouse/blobs/{layer}"));
+    let manifest = px.url(&format!(
+        "/v2/system/deckhouse/manifests/{}",
+        img.manifest.digest
+    ));
+    let get = async |url: &str, ua: &str| {
+        let r = c
+            .get(url)
+            .header("user-agent", ua)
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        r.bytes().await.unwrap();
+    };
+    // Node 1 (cold), node 2 (warm), then a non-node client (warm), and a HEAD that is no pull.
+    get(&blob, "containerd/1.6.20~ds1").await;
+    fills_done(&metrics_url).await;
+    get(&blob, "containerd/2.1.0").await;
+    get(&blob, "skopeo/1.9.3").await;
+    get(&manifest, "containerd/1.6.20~ds1").await;
+    get(&manifest, "containerd/1.6.20~ds1").await;
+    let r = c
+        .head(&blob)
+        .header("user-agent", "containerd/1.6.20")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A failed pull is not a pull.
+    let missing = px.url(&format!(
+        "/v2/system/deckhouse/blobs/sha256:{}",
+        "0".repeat(64)
+    ));
+    let r = c
+        .get(&missing)
+        .header("user-agent", "containerd/1.6.20")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    let after = Scrape::take(&metrics_url).await;
+    let delta = |k: &str| after.get(k) - before.get(k);
+    assert_eq!(delta(&pulls("containerd", "blob", "upstream")), 1.0);
+    assert_eq!(delta(&pulls("containerd", "blob", "cache")), 1.0);
+    assert_eq!(delta(&pulls("other", "blob", "cache")), 1.0);
+    assert_eq!(delta(&pulls("other", "blob", "upstream")), 0.0);
+    // Manifests by digest: the first from the upstream, the second from the cache.
+    assert_eq!(delta(&pulls("containerd", "manifest", "upstream")), 1.0);
+    assert_eq!(delta(&pulls("containerd", "manifest", "cache")), 1.0);
+    assert_eq!(
+        up.requests("GET", &format!("/v2/deckhouse/ce/blobs/{layer}")),
+        1,
+        "three pulls, one upstream fetch"
+    );
+    // A user agent cannot grow the label set.
+    assert!(!after.0.keys().any(|k| k.contains("skopeo")));
+}

@@ -21,6 +21,9 @@ fn node(name: &str, v: Option<&str>) -> NodeObs {
     }
 }
 
+/// The ClusterIP the simulated API server gives Service `registry`.
+const PROXY_IP: &str = "10.96.0.50";
+
 fn world(target: Target) -> Observed {
     let unmanaged = up("registry.deckhouse.io", "deckhouse/ce", "old");
     Observed {
@@ -42,6 +45,7 @@ fn world(target: Target) -> Observed {
             ready: true,
         }),
         ca_pem: "CA".into(),
+        proxy_endpoint: None,
     }
 }
 
@@ -79,6 +83,14 @@ fn simulate(o: &mut Observed, plan: &Plan) {
     }
     if let Some(a) = &plan.record_actual {
         o.actual = Some(a.clone());
+    }
+    // kube-apiserver allocates the ClusterIP when the Service is created.
+    match plan.service {
+        ServiceAction::Apply if o.proxy_endpoint.is_none() => {
+            o.proxy_endpoint = ProxyEndpoint::for_cluster_ip(PROXY_IP, &o.ca_pem);
+        }
+        ServiceAction::Delete => o.proxy_endpoint = None,
+        _ => {}
     }
     o.now = format!("t{}", o.now[1..].parse::<u32>().unwrap() + 1);
 }
@@ -423,12 +435,12 @@ fn direct_rotation_reruns_pipeline_and_keeps_mode() {
 fn rotation_transition_config_has_one_mirror_per_endpoint() {
     let a = up("registry.deckhouse.io", "deckhouse/ee", "key1");
     let b = up("registry.deckhouse.io", "deckhouse/ee", "key2");
-    let t = BashibleConfig::transition(Mode::Direct, &a, Mode::Direct, &b);
+    let t = BashibleConfig::transition(Mode::Direct, &a, Mode::Direct, &b, None);
     let m = &t.hosts[crate::consts::REGISTRY_HOST].mirrors;
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].auth.as_ref().unwrap().password, "key2");
     let c = up("mirror.example", "deckhouse/ee", "key3");
-    let t = BashibleConfig::transition(Mode::Direct, &a, Mode::Direct, &c);
+    let t = BashibleConfig::transition(Mode::Direct, &a, Mode::Direct, &c, None);
     let hosts: Vec<&str> = t.hosts[crate::consts::REGISTRY_HOST]
         .mirrors
         .iter()
@@ -626,4 +638,199 @@ fn unknown_conditions_are_pruned() {
         .set_true("NodeServicesReadyLegacyX", 1, "t0");
     let plan = step(&o);
     assert_eq!(plan.state.conditions.types(), [types::READY]);
+}
+
+/// Every node configuration a switch writes, with the condition that was waiting for it, and
+/// the mirrors of `dir` in containerd's try order (`scheme://host`, password).
+fn node_configs(o: &mut Observed, dir: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let plan = step(o);
+        if let Some(b) = &plan.bashible {
+            let waiting = plan
+                .state
+                .conditions
+                .0
+                .iter()
+                .find(|c| !c.is_true())
+                .map(|c| c.type_.clone())
+                .unwrap_or_default();
+            let mirrors = b
+                .hosts
+                .get(dir)
+                .map(|h| {
+                    h.mirrors
+                        .iter()
+                        .map(|m| {
+                            let pw = m.auth.as_ref().map(|a| a.password.clone());
+                            (format!("{}://{}", m.scheme, m.host), pw.unwrap_or_default())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            seen.push((waiting, mirrors));
+        }
+        if plan.ready() {
+            return seen;
+        }
+        simulate(o, &plan);
+    }
+    panic!("switch did not finish: {seen:?}");
+}
+
+fn pair(url: &str, pw: &str) -> (String, String) {
+    (url.to_string(), pw.to_string())
+}
+
+#[test]
+fn mirror_order_in_every_step_of_unmanaged_to_direct() {
+    let p = up("registry.deckhouse.io", "deckhouse/ee", "key");
+    let mut o = world(Target::Direct(p));
+    set_checker_ok(&mut o);
+    let steps = node_configs(&mut o, crate::consts::REGISTRY_HOST);
+    let proxy = format!("https://{PROXY_IP}:5001");
+    assert_eq!(
+        steps,
+        [
+            // Transition: pods still name the upstream; the new directory has the upstream only,
+            // because the proxy is neither probed nor has a ClusterIP yet.
+            (
+                types::TRANSITION_CONTAINERD_CONFIG_READY.to_string(),
+                vec![pair("https://registry.deckhouse.io", "key")]
+            ),
+            // Final: exactly the proxy by ClusterIP first, the upstream second.
+            (
+                types::FINAL_CONTAINERD_CONFIG_READY.to_string(),
+                vec![
+                    pair(&proxy, "key"),
+                    pair("https://registry.deckhouse.io", "key")
+                ]
+            ),
+        ]
+    );
+    // The proxy mirror is verified with the module CA and has no rewrite (it maps the path
+    // itself); the upstream keeps today's rewrite.
+    let last = BashibleConfig::single(
+        Mode::Direct,
+        &up("registry.deckhouse.io", "deckhouse/ee", "key"),
+        o.proxy_endpoint.as_ref(),
+    );
+    let m = &last.hosts[crate::consts::REGISTRY_HOST].mirrors;
+    assert_eq!((m[0].ca.as_str(), m[0].rewrites.len()), ("CA", 0));
+    assert_eq!(m[1].rewrites[0].to, "deckhouse/ee");
+}
+
+#[test]
+fn final_config_waits_for_the_cluster_ip() {
+    let p = up("registry.deckhouse.io", "deckhouse/ee", "key");
+    let mut o = world(Target::Direct(p));
+    set_checker_ok(&mut o);
+    // An API server that never allocates an IP (a headless Service): no final config without
+    // the proxy, and the switch does not finish.
+    for _ in 0..20 {
+        let plan = step(&o);
+        assert!(!plan.ready());
+        if let Some(b) = &plan.bashible {
+            assert_eq!(b.hosts[crate::consts::REGISTRY_HOST].mirrors.len(), 1);
+        }
+        simulate(&mut o, &plan);
+        o.proxy_endpoint = None;
+    }
+    let c = step(&o);
+    let f = c
+        .state
+        .conditions
+        .get(types::FINAL_CONTAINERD_CONFIG_READY)
+        .unwrap();
+    assert_eq!(f.message, "Waiting for a ClusterIP of Service registry");
+}
+
+#[test]
+fn mirror_order_in_every_step_of_direct_rotation_and_back_to_unmanaged() {
+    let p = up("registry.deckhouse.io", "deckhouse/ee", "key1");
+    let mut o = direct_world(&p);
+    let proxy = format!("https://{PROXY_IP}:5001");
+    // Rotation: the running proxy (old credentials) stays first during the transition.
+    o.target = Ok(Target::Direct(up(
+        "registry.deckhouse.io",
+        "deckhouse/ee",
+        "key2",
+    )));
+    o.checker_version = Some("cv2".into());
+    o.expected_proxy_version = Some("pv2".into());
+    o.checker = Some(CheckerObs {
+        version: "cv2".into(),
+        ready: true,
+        message: "ok".into(),
+    });
+    let steps = node_configs(&mut o, crate::consts::REGISTRY_HOST);
+    assert_eq!(
+        steps,
+        [
+            (
+                types::TRANSITION_CONTAINERD_CONFIG_READY.to_string(),
+                vec![
+                    pair(&proxy, "key1"),
+                    pair("https://registry.deckhouse.io", "key2")
+                ]
+            ),
+            (
+                types::FINAL_CONTAINERD_CONFIG_READY.to_string(),
+                vec![
+                    pair(&proxy, "key2"),
+                    pair("https://registry.deckhouse.io", "key2")
+                ]
+            ),
+        ]
+    );
+    let done = step(&o);
+    simulate(&mut o, &done);
+    // Back to Unmanaged: the virtual host keeps proxy then upstream while nodes move; the final
+    // config has only the upstream's own directory.
+    let back = up("registry.deckhouse.io", "deckhouse/ee", "key2");
+    o.target = Ok(Target::Unmanaged(Some(back)));
+    o.checker_version = Some("cv3".into());
+    o.checker = Some(CheckerObs {
+        version: "cv3".into(),
+        ready: true,
+        message: "ok".into(),
+    });
+    let mut virt = Vec::new();
+    let mut real = Vec::new();
+    for _ in 0..20 {
+        let plan = step(&o);
+        if let Some(b) = &plan.bashible {
+            let urls = |d: &str| -> Vec<String> {
+                b.hosts
+                    .get(d)
+                    .map(|h| {
+                        h.mirrors
+                            .iter()
+                            .map(|m| format!("{}://{}", m.scheme, m.host))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            virt.push(urls(crate::consts::REGISTRY_HOST));
+            real.push(urls("registry.deckhouse.io"));
+        }
+        if plan.ready() {
+            break;
+        }
+        simulate(&mut o, &plan);
+    }
+    assert_eq!(
+        virt,
+        [
+            vec![proxy.clone(), "https://registry.deckhouse.io".to_string()],
+            vec![]
+        ]
+    );
+    assert_eq!(
+        real,
+        [
+            vec!["https://registry.deckhouse.io".to_string()],
+            vec!["https://registry.deckhouse.io".to_string()]
+        ]
+    );
 }

@@ -27,6 +27,7 @@ fn inputs(masters: usize) -> ProxyInputs {
             token_key: "tk".into(),
         },
         probe_reference: Some("system/deckhouse:v1".into()),
+        node_address: Some("10.96.0.50:5001".into()),
     }
 }
 
@@ -64,7 +65,7 @@ fn deckhouse_registry_direct_content() {
 
 #[test]
 fn dkp_hosts_toml_matches_documented_format() {
-    let cfg = BashibleConfig::single(Mode::Direct, &p(Some("PEM".into())));
+    let cfg = BashibleConfig::single(Mode::Direct, &p(Some("PEM".into())), None);
     assert_eq!(
         cfg.images_base,
         "registry.d8-system.svc:5001/system/deckhouse"
@@ -96,9 +97,79 @@ fn dkp_hosts_toml_matches_documented_format() {
     http.scheme = Scheme::Http;
     http.username = None;
     http.password = None;
-    let files = dkp_hosts_toml(&BashibleConfig::single(Mode::Direct, &http));
+    let files = dkp_hosts_toml(&BashibleConfig::single(Mode::Direct, &http, None));
     assert!(files[0].content.contains("[host.\"http://registry.deckhouse.io\"]\n    capabilities = [\"pull\", \"resolve\"]\n    skip_verify = true\n"));
     assert!(!files[0].content.contains(".auth]"));
+}
+
+#[test]
+fn final_direct_file_lists_proxy_then_upstream() {
+    let proxy = ProxyEndpoint::for_cluster_ip("10.96.0.50", "MODULE CA").unwrap();
+    let cfg = BashibleConfig::single(Mode::Direct, &p(Some("UP CA".into())), Some(&proxy));
+    let files = dkp_hosts_toml(&cfg);
+    let dir = "/etc/containerd/registry.d/registry.d8-system.svc:5001";
+    assert_eq!(
+        files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+        [
+            format!("{dir}/hosts.toml"),
+            format!("{dir}/https-10.96.0.50:5001-ca.crt"),
+            format!("{dir}/https-registry.deckhouse.io-ca.crt"),
+        ]
+    );
+    assert_eq!(
+        files[0].content,
+        r#"[host]
+  [host."https://10.96.0.50:5001"]
+    capabilities = ["pull", "resolve"]
+    ca = ["/etc/containerd/registry.d/registry.d8-system.svc:5001/https-10.96.0.50:5001-ca.crt"]
+    [host."https://10.96.0.50:5001".auth]
+      username = "license-token"
+      password = "KEY"
+  [host."https://registry.deckhouse.io"]
+    capabilities = ["pull", "resolve"]
+    ca = ["/etc/containerd/registry.d/registry.d8-system.svc:5001/https-registry.deckhouse.io-ca.crt"]
+    [host."https://registry.deckhouse.io".auth]
+      username = "license-token"
+      password = "KEY"
+    [[host."https://registry.deckhouse.io".rewrite]]
+      regex = "^system/deckhouse"
+      replace = "deckhouse/ee"
+"#
+    );
+    assert_eq!(files[1].content, "MODULE CA");
+    assert_eq!(files[2].content, "UP CA");
+    // The node version changes with the proxy address, so nodes re-apply on a new IP.
+    let other = ProxyEndpoint::for_cluster_ip("10.96.0.51", "MODULE CA").unwrap();
+    assert_ne!(
+        cfg.version,
+        BashibleConfig::single(Mode::Direct, &p(None), Some(&other)).version
+    );
+}
+
+#[test]
+fn proxy_endpoint_accepts_only_ips() {
+    let v6 = ProxyEndpoint::for_cluster_ip("fd00::10", "CA").unwrap();
+    assert_eq!(v6.address, "[fd00::10]:5001");
+    for bad in [
+        "None",
+        "",
+        "10.96.0.50:5001",
+        "registry.d8-system.svc",
+        "10.96.0.50\n",
+    ] {
+        assert!(
+            ProxyEndpoint::for_cluster_ip(bad, "CA").is_none(),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        ProxyEndpoint::parse("127.0.0.2:5001", "CA")
+            .unwrap()
+            .address,
+        "127.0.0.2:5001"
+    );
+    assert!(ProxyEndpoint::parse("127.0.0.2", "CA").is_none());
+    assert!(ProxyEndpoint::parse("host:5001", "CA").is_none());
 }
 
 #[test]
@@ -130,13 +201,13 @@ fn stock_hosts_toml_points_at_cluster_ip() {
 
 #[test]
 fn bashible_secret_round_trip_and_version() {
-    let cfg = BashibleConfig::single(Mode::Direct, &p(None));
+    let cfg = BashibleConfig::single(Mode::Direct, &p(None), None);
     let s = cfg.to_secret().unwrap();
     assert_eq!(BashibleConfig::from_secret(&s).unwrap(), cfg);
-    let other = BashibleConfig::single(Mode::Direct, &p(Some("x".into())));
+    let other = BashibleConfig::single(Mode::Direct, &p(Some("x".into())), None);
     assert_ne!(other.version, cfg.version);
     assert_eq!(
-        BashibleConfig::single(Mode::Direct, &p(None)).version,
+        BashibleConfig::single(Mode::Direct, &p(None), None).version,
         cfg.version,
         "deterministic"
     );
@@ -249,6 +320,10 @@ fn proxy_objects_ha() {
     assert_eq!(env["REGISTRY_PROXY_LICENSE_FILE"], "/config/license");
     assert_eq!(env["REGISTRY_PROXY_CLIENT_AUTH"], "upstream");
     assert_eq!(env["REGISTRY_PROXY_SCHEME"], "HTTPS");
+    assert_eq!(
+        env["REGISTRY_PROXY_REALM_HOSTS"],
+        "registry.d8-system.svc:5001,registry.d8-system.svc.cluster.local:5001,10.96.0.50:5001"
+    );
     assert!(env.values().all(|v| !v.contains("KEY")), "no secret in env");
     assert_eq!(
         o.pdb.spec.as_ref().unwrap().max_unavailable,
@@ -288,7 +363,7 @@ fn proxy_objects_single_master_and_change_detection() {
     let mut anon = inputs(1);
     anon.params.username = None;
     anon.params.password = None;
-    let env = proxy_env(&anon.params, None);
+    let env = proxy_env(&anon.params, None, None);
     assert!(env.contains(&("REGISTRY_PROXY_CLIENT_AUTH".into(), "none".into())));
     assert!(!proxy_config_files(&anon).contains_key("license"));
 }
