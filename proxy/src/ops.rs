@@ -73,6 +73,7 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
         "ready": ready,
         "listening": listening,
         "strict": s.strict,
+        "serving": probe.serving(),
         "upstream": &*probe,
     });
     let status = if ready {

@@ -12,6 +12,7 @@ mod errors;
 mod harness;
 mod metrics;
 mod ops;
+mod revalidate;
 mod routes;
 mod shutdown;
 mod streaming;
