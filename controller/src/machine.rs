@@ -17,6 +17,8 @@ pub struct NodeObs {
     pub containerd_label: Option<String>,
     /// `registry.deckhouse.io/version` annotation (bashible config applied on the node).
     pub version: Option<String>,
+    /// `status.nodeInfo.containerRuntimeVersion` (`containerd://1.7.27`), once reported.
+    pub runtime: Option<String>,
 }
 
 /// The proxy Deployment's rollout fields.
@@ -289,6 +291,33 @@ fn preflight_message(o: &Observed) -> Option<String> {
     Some(lines.join("\n"))
 }
 
+/// Nodes whose container runtime cannot take Direct's node configuration (not containerd
+/// v1/v2), as a refusal message; waiting would never help.
+fn unsupported_runtime_message(o: &Observed) -> Option<String> {
+    let mut lines: Vec<String> = o
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let r = n.runtime.as_deref()?;
+            (!r.starts_with("containerd://")).then(|| {
+                format!(
+                    "- {}: container runtime {r} is not supported, Direct mode needs containerd v1 or v2",
+                    n.name
+                )
+            })
+        })
+        .collect();
+    if lines.is_empty() {
+        return None;
+    }
+    let more = lines.len() > MAX_LINES;
+    lines.truncate(MAX_LINES);
+    if more {
+        lines.push("...and more".into());
+    }
+    Some(lines.join("\n"))
+}
+
 /// Steps 1–4 shared by every switch. Returns false when the pipeline stops.
 fn common_steps(
     x: &mut Ctx<'_>,
@@ -331,6 +360,19 @@ fn common_steps(
         }
     }
     // 2. Preflight.
+    if target_mode == Mode::Direct
+        && let Some(msg) = unsupported_runtime_message(o)
+    {
+        x.c.set(
+            types::CONTAINERD_CONFIG_PREFLIGHT_READY,
+            false,
+            reasons::ERROR,
+            &msg,
+            x.g,
+            &o.now,
+        );
+        return (false, final_cfg);
+    }
     if let Some(msg) = preflight_message(o) {
         x.wait(types::CONTAINERD_CONFIG_PREFLIGHT_READY, &msg);
         return (false, final_cfg);
@@ -404,8 +446,11 @@ fn to_direct(x: &mut Ctx<'_>, plan: &mut Plan, p: &UpstreamParams) {
     if !go {
         return;
     }
-    // 5. InClusterProxyReady: exists, version, rollout, and the active probe.
+    // 5. InClusterProxyReady: exists, version, rollout, and the active probe. The probe
+    // goes through the Service (6), so the Service comes with the proxy objects.
     plan.apply_proxy = true;
+    plan.service = ServiceAction::Apply;
+    plan.state.registry_service = "incluster-proxy".into();
     let t = types::IN_CLUSTER_PROXY_READY;
     let expected = o.expected_proxy_version.clone().unwrap_or_default();
     let Some(d) = &o.deployment else {
@@ -441,9 +486,6 @@ fn to_direct(x: &mut Ctx<'_>, plan: &mut Plan, p: &UpstreamParams) {
             return;
         }
     }
-    // 6. Service.
-    plan.service = ServiceAction::Apply;
-    plan.state.registry_service = "incluster-proxy".into();
     // 7. deckhouse-registry.
     if !switch_step(x, plan, RegistryAccess::for_direct(p, &o.ca_pem)) {
         return;
@@ -575,6 +617,14 @@ pub fn step(o: &Observed) -> Plan {
     match (current, target) {
         (Mode::Unmanaged | Mode::Direct, Target::Direct(p)) => to_direct(&mut x, &mut plan, p),
         (Mode::Direct, Target::Unmanaged(Some(p))) => to_unmanaged(&mut x, &mut plan, p),
+        // `mode: Unmanaged` alone: back to the upstream Direct used, as recorded by us.
+        (Mode::Direct, Target::Unmanaged(None)) => match &o.actual {
+            Some((Mode::Direct, a)) => {
+                let a = a.clone();
+                to_unmanaged(&mut x, &mut plan, &a);
+            }
+            _ => forbidden(&mut x, "Direct", Mode::Unmanaged),
+        },
         (Mode::Unmanaged, Target::Unmanaged(Some(p))) => match &o.actual {
             _ if live_proxy => to_unmanaged(&mut x, &mut plan, p),
             Some((_, a)) if !same_upstream(a, p) => forbidden(&mut x, "Unmanaged", Mode::Unmanaged),

@@ -53,6 +53,7 @@ impl From<SettingsArgs> for Settings {
             probe_url: a.probe_url,
             probe_reference: a.probe_reference,
             stock_containerd: a.stock_containerd,
+            probe_resolver: None,
         }
     }
 }
@@ -114,6 +115,19 @@ enum Cmd {
         #[arg(long, alias = "stock-ca-file")]
         ca_file: Option<PathBuf>,
     },
+}
+
+/// Resolves on the first SIGTERM (pod stop; as PID 1 nothing else would handle it) or SIGINT.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
@@ -271,32 +285,48 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let client = kube::Client::try_default().await?;
             let elector = LeaderElector::new(client.clone(), identity);
             let reconciler = Reconciler::new(client, settings.into());
+            let shutdown = shutdown_signal()?;
+            tokio::pin!(shutdown);
             let mut last_reconcile: Option<tokio::time::Instant> = None;
             loop {
-                let leading = match elector.try_acquire().await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "lease");
-                        false
-                    }
+                let leading = tokio::select! {
+                    r = elector.try_acquire() => match r {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "lease");
+                            false
+                        }
+                    },
+                    _ = &mut shutdown => break,
                 };
                 let due = last_reconcile.is_none_or(|t| t.elapsed() >= interval);
                 if leading && due {
-                    match reconciler.reconcile_once().await {
-                        Ok(o) => tracing::info!(
-                            mode = %o.plan.state.mode,
-                            target = %o.plan.state.target_mode,
-                            ready = o.plan.ready(),
-                            "reconciled"
-                        ),
-                        Err(e) => tracing::warn!(error = %e, "reconcile failed; retrying"),
+                    // A pass cut short by shutdown is safe: every write is an idempotent apply.
+                    tokio::select! {
+                        r = reconciler.reconcile_once() => match r {
+                            Ok(o) => tracing::info!(
+                                mode = %o.plan.state.mode,
+                                target = %o.plan.state.target_mode,
+                                ready = o.plan.ready(),
+                                "reconciled"
+                            ),
+                            Err(e) => tracing::warn!(error = %e, "reconcile failed; retrying"),
+                        },
+                        _ = &mut shutdown => break,
                     }
                     last_reconcile = Some(tokio::time::Instant::now());
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(RENEW_PERIOD.min(interval)) => {}
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = &mut shutdown => break,
                 }
+            }
+            // Hand the Lease over now rather than after it expires; bounded so a dead API
+            // server cannot hold up the exit.
+            match tokio::time::timeout(Duration::from_secs(2), elector.release()).await {
+                Ok(Ok(())) => tracing::info!("stopped; lease released"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "stopped; lease not released"),
+                Err(_) => tracing::warn!("stopped; lease release timed out"),
             }
         }
     }

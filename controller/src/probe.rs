@@ -118,23 +118,72 @@ pub struct Failure {
     pub detail: String,
 }
 
+/// Classifies a transport failure by the error types in its source chain: a rustls error
+/// anywhere is `tls`, everything else (connect, timeout, DNS) is `unreachable`.
 fn classify(e: &reqwest::Error) -> Failure {
     let mut chain = format!("{e}");
+    let mut tls = false;
     let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
     while let Some(s) = src {
         chain.push_str(&format!(": {s}"));
+        tls |= s.is::<rustls::Error>()
+            || s.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<rustls::Error>());
         src = s.source();
     }
-    let lc = chain.to_ascii_lowercase();
-    let outcome = if lc.contains("certificate") || lc.contains("tls") {
-        "tls"
-    } else {
-        "unreachable"
-    };
     // reqwest puts the URL in the message; our URLs carry no credentials.
     Failure {
-        outcome,
+        outcome: if tls { "tls" } else { "unreachable" },
         detail: chain,
+    }
+}
+
+/// The OCI distribution error codes the probe tells apart.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OciCode {
+    /// Credentials refused (by the proxy or, passed through, by the upstream).
+    Denied,
+    /// No or bad credentials.
+    Unauthorized,
+    /// Repository unknown.
+    NameUnknown,
+    /// Tag or digest unknown.
+    ManifestUnknown,
+    /// Any other code.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(serde::Deserialize)]
+struct OciErrors {
+    errors: Vec<OciError>,
+}
+
+#[derive(serde::Deserialize)]
+struct OciError {
+    code: OciCode,
+    #[serde(default)]
+    message: String,
+}
+
+/// The first error code of an OCI error body, if the body is one.
+pub fn oci_code(body: &[u8]) -> Option<(OciCode, String)> {
+    let e: OciErrors = serde_json::from_slice(body).ok()?;
+    e.errors.into_iter().next().map(|e| (e.code, e.message))
+}
+
+/// Failure class of an HTTP answer: the OCI code decides; the status only without one.
+pub fn classify_answer(status: StatusCode, code: Option<&OciCode>) -> &'static str {
+    match code {
+        Some(OciCode::Denied | OciCode::Unauthorized) => "auth",
+        Some(OciCode::NameUnknown | OciCode::ManifestUnknown) => "sentinel",
+        _ => match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "auth",
+            StatusCode::NOT_FOUND => "sentinel",
+            _ => "unreachable",
+        },
     }
 }
 
@@ -254,7 +303,7 @@ pub fn split_reference(r: &str) -> Option<(&str, &str)> {
     Some((&r[..colon], &r[colon + 1..]))
 }
 
-/// Authorises and `HEAD`s one manifest.
+/// Authorises and `HEAD`s one manifest (the checker, against the upstream).
 pub async fn head_manifest(
     client: &reqwest::Client,
     base: &str,
@@ -262,36 +311,66 @@ pub async fn head_manifest(
     reference: &str,
     creds: Option<(&str, &str)>,
 ) -> Result<(), Failure> {
+    fetch_manifest(client, base, repo, reference, creds, false).await
+}
+
+/// Authorises and fetches one manifest. `probe`: a `GET` with `Cache-Control: no-cache`,
+/// so that a caching proxy answers with the upstream's current verdict and an OCI error
+/// body the failure is classified from.
+async fn fetch_manifest(
+    client: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+    creds: Option<(&str, &str)>,
+    probe: bool,
+) -> Result<(), Failure> {
     let auth = authorize(client, base, repo, creds).await?;
-    let mut req = client
-        .head(format!("{base}/v2/{repo}/manifests/{reference}"))
-        .header(ACCEPT, MANIFEST_ACCEPT);
+    let url = format!("{base}/v2/{repo}/manifests/{reference}");
+    let mut req = if probe {
+        client
+            .get(url)
+            .header(reqwest::header::CACHE_CONTROL, "no-cache")
+    } else {
+        client.head(url)
+    }
+    .header(ACCEPT, MANIFEST_ACCEPT);
     if let Some(a) = auth {
         req = req.header(AUTHORIZATION, a);
     }
     let resp = req.send().await.map_err(|e| classify(&e))?;
-    match resp.status() {
-        s if s.is_success() => Ok(()),
-        s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => Err(Failure {
-            outcome: "auth",
-            detail: format!("manifest HEAD {repo}:{reference} answered {}", s.as_u16()),
-        }),
-        StatusCode::NOT_FOUND => Err(Failure {
-            outcome: "sentinel",
-            detail: format!("manifest {repo}:{reference} not found"),
-        }),
-        s => Err(Failure {
-            outcome: "unreachable",
-            detail: format!("manifest HEAD {repo}:{reference} answered {s}"),
-        }),
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
     }
+    // Error bodies are small; a HEAD has none and falls back to the status.
+    let body = resp.bytes().await.unwrap_or_default();
+    let code = oci_code(&body.slice(..body.len().min(64 << 10)));
+    let outcome = classify_answer(status, code.as_ref().map(|(c, _)| c));
+    let detail = match (&code, outcome) {
+        (Some((_, m)), _) if !m.is_empty() => format!(
+            "manifest {repo}:{reference} answered {}: {}",
+            status.as_u16(),
+            m.chars().take(200).collect::<String>()
+        ),
+        (_, "sentinel") => format!("manifest {repo}:{reference} not found"),
+        _ => format!("manifest {repo}:{reference} answered {}", status.as_u16()),
+    };
+    Err(Failure { outcome, detail })
 }
 
-/// HTTP client for the proxy probe: trusts only the module CA.
-pub fn proxy_client(ca_pem: &str) -> Result<reqwest::Client> {
+/// HTTP client for the proxy probe: trusts only the module CA; `resolver` replaces the
+/// system resolver for the Service name.
+pub fn proxy_client(
+    ca_pem: &str,
+    resolver: Option<std::sync::Arc<dyn reqwest::dns::Resolve>>,
+) -> Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .connect_timeout(Duration::from_secs(5));
+    if let Some(r) = resolver {
+        b = b.dns_resolver(r);
+    }
     if let Ok(ca) = reqwest::Certificate::from_pem(ca_pem.as_bytes()) {
         b = b.tls_certs_only([ca]);
     }
@@ -310,7 +389,8 @@ pub fn upstream_client(p: &UpstreamParams) -> Result<reqwest::Client> {
 }
 
 /// The active probe through the Service: `/v2/` round-trip with the client credentials, then
-/// `HEAD system/deckhouse:<tag>`.
+/// `GET system/deckhouse:<tag>` with `Cache-Control: no-cache` (the upstream's verdict, not the
+/// proxy's cache).
 pub async fn probe_proxy(
     client: &reqwest::Client,
     base: &str,
@@ -323,7 +403,7 @@ pub async fn probe_proxy(
             detail: format!("bad probe reference {reference}"),
         };
     };
-    match head_manifest(client, base, repo, r, creds).await {
+    match fetch_manifest(client, base, repo, r, creds, true).await {
         Ok(()) => ProbeOutcome::Ok,
         Err(f) => ProbeOutcome::Failed {
             outcome: f.outcome.into(),
@@ -469,6 +549,40 @@ mod tests {
         assert_eq!(e.param("service"), Some("x"));
         assert!(parse_challenge(r#"Bearer realm="unterminated"#).is_none());
         assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn failures_are_classified_by_oci_code() {
+        let body = |c: &str| format!(r#"{{"errors":[{{"code":"{c}","message":"m"}}]}}"#);
+        let code = |c: &str| oci_code(body(c).as_bytes()).map(|(c, _)| c);
+        assert_eq!(code("DENIED"), Some(OciCode::Denied));
+        assert_eq!(code("TOOMANYREQUESTS"), Some(OciCode::Other));
+        assert_eq!(oci_code(b"<html>bad gateway</html>"), None);
+        // The proxy answers a refused license with 502 DENIED: the code wins over the status.
+        for (status, c, want) in [
+            (StatusCode::BAD_GATEWAY, "DENIED", "auth"),
+            (StatusCode::BAD_GATEWAY, "UNAUTHORIZED", "auth"),
+            (StatusCode::BAD_GATEWAY, "NAME_UNKNOWN", "sentinel"),
+            (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "sentinel"),
+            (StatusCode::BAD_GATEWAY, "UNKNOWN", "unreachable"),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "TOOMANYREQUESTS",
+                "unreachable",
+            ),
+        ] {
+            assert_eq!(
+                classify_answer(status, code(c).as_ref()),
+                want,
+                "{status} {c}"
+            );
+        }
+        assert_eq!(classify_answer(StatusCode::FORBIDDEN, None), "auth");
+        assert_eq!(classify_answer(StatusCode::NOT_FOUND, None), "sentinel");
+        assert_eq!(
+            classify_answer(StatusCode::BAD_GATEWAY, None),
+            "unreachable"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -36,6 +37,18 @@ pub struct Settings {
     pub probe_reference: Option<String>,
     /// Also publish stock-containerd node files.
     pub stock_containerd: bool,
+    /// Name resolution for the probe; `None` is the system resolver (cluster DNS).
+    pub probe_resolver: Option<ProbeResolver>,
+}
+
+/// A resolver for the probe's Service name (tests stand in for cluster DNS with it).
+#[derive(Clone)]
+pub struct ProbeResolver(pub Arc<dyn reqwest::dns::Resolve>);
+
+impl Debug for ProbeResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProbeResolver")
+    }
 }
 
 impl Default for Settings {
@@ -45,6 +58,7 @@ impl Default for Settings {
             probe_url: format!("https://{REGISTRY_HOST}"),
             probe_reference: None,
             stock_containerd: false,
+            probe_resolver: None,
         }
     }
 }
@@ -54,6 +68,9 @@ impl Default for Settings {
 pub struct Reconciler {
     client: Client,
     settings: Settings,
+    /// One recorder for the process: its cache turns a repeated Warning into one Event
+    /// with a growing series count instead of a new Event per pass.
+    recorder: Recorder,
 }
 
 /// The `ModuleConfig` API resource.
@@ -119,7 +136,18 @@ pub struct Outcome {
 impl Reconciler {
     /// A reconciler on `client`.
     pub fn new(client: Client, settings: Settings) -> Self {
-        Reconciler { client, settings }
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: None,
+            },
+        );
+        Reconciler {
+            client,
+            settings,
+            recorder,
+        }
     }
 
     fn secrets(&self) -> Api<Secret> {
@@ -158,17 +186,24 @@ impl Reconciler {
         let prev = state::from_secret(state_secret.as_ref())?;
         let dr_secret = secrets.get_opt(DECKHOUSE_REGISTRY_SECRET).await?;
         let deckhouse_registry = dr_secret.as_ref().and_then(RegistryAccess::from_secret);
-        let actual = match secrets.get_opt(ACTUAL_PARAMS_SECRET).await? {
+        let mut actual = match secrets.get_opt(ACTUAL_PARAMS_SECRET).await? {
             Some(s) => secret_str(&s, "params.json")
                 .and_then(|j| serde_json::from_str::<(Mode, UpstreamParams)>(&j).ok()),
             None => None,
-        }
-        .or_else(|| {
-            deckhouse_registry
+        };
+        if actual.is_none()
+            && let Some(p) = deckhouse_registry
                 .as_ref()
+                .filter(|d| d.address != REGISTRY_HOST)
                 .and_then(RegistryAccess::as_upstream)
-                .map(|p| (Mode::Unmanaged, p))
-        });
+        {
+            // First sight of an Unmanaged cluster: record what nodes use now, before any
+            // write of ours rewrites `deckhouse-registry`, so that a switch's transition
+            // config keeps the old mirror until the switch is done.
+            let a = (Mode::Unmanaged, p);
+            self.record_actual(&a).await?;
+            actual = Some(a);
+        }
 
         // PKI: only needed when heading to Direct; created once, kept until leaving Direct.
         let target_direct = match &target {
@@ -214,6 +249,12 @@ impl Reconciler {
                 name: n.name_any(),
                 containerd_label: n.labels().get(NODE_CONTAINERD_LABEL).cloned(),
                 version: n.annotations().get(VERSION_ANNOTATION).cloned(),
+                runtime: n
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.node_info.as_ref())
+                    .map(|i| i.container_runtime_version.clone())
+                    .filter(|v| !v.is_empty()),
             })
             .collect();
         let bashible_exists = secrets.get_opt(BASHIBLE_SECRET).await?.is_some();
@@ -331,7 +372,15 @@ impl Reconciler {
 
         // Network checks, only where the pipeline can use them.
         let current = Mode::parse(prev.mode_or_default()).unwrap_or_default();
-        let target_params = target.as_ref().ok().and_then(|t| t.params().cloned());
+        let leaving_direct = current == Mode::Direct || deployment.is_some();
+        // `mode: Unmanaged` alone goes back to the upstream the live Direct config uses.
+        let target_params = match &target {
+            Ok(Target::Unmanaged(None)) if leaving_direct => {
+                actual.as_ref().map(|(_, a)| a.clone())
+            }
+            Ok(t) => t.params().cloned(),
+            Err(_) => None,
+        };
         let checker_version = target_params.as_ref().map(|p| {
             state::checker_version(
                 p,
@@ -341,7 +390,7 @@ impl Reconciler {
         });
         let needs_checker = match &target {
             Ok(Target::Direct(_)) => true,
-            Ok(Target::Unmanaged(Some(_))) => current == Mode::Direct || deployment.is_some(),
+            Ok(Target::Unmanaged(_)) => leaving_direct,
             _ => false,
         };
         let mut checker = prev.checker.as_ref().map(|c| machine::CheckerObs {
@@ -358,14 +407,16 @@ impl Reconciler {
             }
         }
         let mut probe_result = None;
-        if let (Some(p), Some(d), Some(px), Some(ca)) =
-            (&target_direct, &deployment_obs, &proxy, &ca)
+        // The probe dials the Service name: without the Service there is nothing to probe.
+        if let (Some(p), Some(d), Some(px), Some(ca), Some(_)) =
+            (&target_direct, &deployment_obs, &proxy, &ca, &service)
             && d.version.as_deref() == Some(px.version.as_str())
             && d.rollout_pending().is_none()
         {
             probe_result = Some(match &probe_reference {
                 Some(r) => {
-                    let client = probe::proxy_client(&ca.cert_pem)?;
+                    let resolver = self.settings.probe_resolver.as_ref().map(|r| r.0.clone());
+                    let client = probe::proxy_client(&ca.cert_pem, resolver)?;
                     probe::probe_proxy(&client, &self.settings.probe_url, p.credentials(), r).await
                 }
                 None => machine::ProbeOutcome::Failed {
@@ -455,18 +506,7 @@ impl Reconciler {
             delete_opt(&secrets, PKI_SECRET).await?;
         }
         if let Some(a) = &plan.record_actual {
-            let json = serde_json::to_string(a).map_err(|e| Error::Encode {
-                what: ACTUAL_PARAMS_SECRET.into(),
-                reason: e.to_string(),
-            })?;
-            apply(
-                &secrets,
-                &opaque_secret(
-                    ACTUAL_PARAMS_SECRET,
-                    BTreeMap::from([("params.json".into(), json)]),
-                )?,
-            )
-            .await?;
+            self.record_actual(a).await?;
         }
         apply(&secrets, &state::to_secret(&plan.state, &hash)?).await?;
         if let (Some((reason, note)), Some(mc)) = (&plan.warning, &mc_obj) {
@@ -475,14 +515,20 @@ impl Reconciler {
         Ok(Outcome { plan })
     }
 
+    async fn record_actual(&self, a: &(Mode, UpstreamParams)) -> Result<()> {
+        let json = serde_json::to_string(a).map_err(|e| Error::Encode {
+            what: ACTUAL_PARAMS_SECRET.into(),
+            reason: e.to_string(),
+        })?;
+        let s = opaque_secret(
+            ACTUAL_PARAMS_SECRET,
+            BTreeMap::from([("params.json".into(), json)]),
+        )?;
+        apply(&self.secrets(), &s).await?;
+        Ok(())
+    }
+
     async fn warn(&self, mc: &DynamicObject, reason: &str, note: &str) {
-        let recorder = Recorder::new(
-            self.client.clone(),
-            Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: None,
-            },
-        );
         let reference = ObjectReference {
             api_version: Some("deckhouse.io/v1alpha1".into()),
             kind: Some("ModuleConfig".into()),
@@ -498,7 +544,7 @@ impl Reconciler {
             secondary: None,
         };
         // An Event is best effort: failing to record one must not fail the reconcile.
-        if let Err(e) = recorder.publish(&ev, &reference).await {
+        if let Err(e) = self.recorder.publish(&ev, &reference).await {
             tracing::warn!(error = %e, "cannot publish event");
         }
     }

@@ -1,10 +1,12 @@
-//! Reconciler scenarios against the in-process fake API server and a fake registry.
+//! Reconciler scenarios against the in-process fake API server, the fake upstream and the
+//! real `registry-proxy` binary run from the Deployment the controller applies, reached only
+//! through the Service name (no `--probe-url` override).
 
 mod fake;
 
 use std::io::Write as _;
 
-use fake::{FakeApi, FakeRegistry};
+use fake::{FakeApi, FakeRegistry, ProxyPod};
 use k8s_openapi::api::core::v1::Secret;
 use registry_controller::conditions::types;
 use registry_controller::reconcile::{Reconciler, Settings};
@@ -23,7 +25,10 @@ fn secret_path(name: &str) -> String {
 struct Env {
     api: FakeApi,
     reg: FakeRegistry,
+    pod: ProxyPod,
     rec: Reconciler,
+    /// The fake API's URL, for more clients.
+    url: String,
 }
 
 fn module_config(generation: i64, registry: Value) -> Value {
@@ -86,17 +91,24 @@ async fn setup(node_labels: &[(&str, Option<&str>, bool)]) -> Env {
         serde_json::to_value(&s).unwrap(),
     );
     api.put(MC, module_config(1, json!({"mode": "Unmanaged"})));
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let client = FakeApi::client(&url, "replica-a");
+    let pod = ProxyPod::new(&api);
     let rec = Reconciler::new(
         client,
         Settings {
             proxy_image: "registry-proxy:test".into(),
-            probe_url: format!("http://{}", reg.addr),
-            probe_reference: None,
             stock_containerd: true,
+            probe_resolver: Some(pod.resolver()),
+            ..Settings::default()
         },
     );
-    Env { api, reg, rec }
+    Env {
+        api,
+        reg,
+        pod,
+        rec,
+        url,
+    }
 }
 
 fn read_secret(api: &FakeApi, name: &str) -> Option<Secret> {
@@ -104,9 +116,11 @@ fn read_secret(api: &FakeApi, name: &str) -> Option<Secret> {
         .map(|v| serde_json::from_value(v).unwrap())
 }
 
-/// Plays bashible (node annotations), kube-controller-manager (rollout status) and deckhouse
+/// Plays bashible (node annotations), the kubelet and kube-controller-manager (the real proxy
+/// runs what the Deployment says; its readiness makes the rollout status) and deckhouse
 /// (leader pod picks up deckhouse-registry).
-fn simulate(api: &FakeApi) {
+async fn simulate(env: &Env) {
+    let api = &env.api;
     if let Some(b) = read_secret(api, "registry-bashible-config") {
         let v = BashibleConfig::from_secret(&b).unwrap().version;
         for k in api
@@ -119,11 +133,7 @@ fn simulate(api: &FakeApi) {
             });
         }
     }
-    api.update(DEPLOY, |d| {
-        let r = d["spec"]["replicas"].as_i64().unwrap_or(1);
-        d["status"] = json!({"observedGeneration": d["metadata"]["generation"], "replicas": r,
-                             "updatedReplicas": r, "availableReplicas": r, "readyReplicas": r});
-    });
+    env.pod.sync().await;
     if let Some(dr) =
         read_secret(api, "deckhouse-registry").and_then(|s| RegistryAccess::from_secret(&s))
     {
@@ -157,15 +167,15 @@ async fn run_until_ready(env: &Env, max: usize) -> Vec<Vec<(String, String, Stri
         if out.plan.ready() {
             return trace;
         }
-        simulate(&env.api);
+        simulate(env).await;
     }
-    panic!("not ready: {trace:#?}");
+    panic!("not ready: {trace:#?}\nproxy log:\n{}", env.pod.logs());
 }
 
 async fn switch_to_direct(env: &Env) {
     env.api.put(MC, module_config(2, direct(&env.reg, "good")));
     run_until_ready(env, 20).await;
-    simulate(&env.api);
+    simulate(env).await;
 }
 
 #[tokio::test]
@@ -436,7 +446,7 @@ async fn custom_containerd_config_blocks_preflight() {
     env.api.put(MC, module_config(2, direct(&env.reg, "good")));
     for _ in 0..3 {
         env.rec.reconcile_once().await.unwrap();
-        simulate(&env.api);
+        simulate(&env).await;
     }
     let c = conditions(&env.api);
     let pre = c
@@ -481,7 +491,7 @@ async fn deployment_degrading_after_switch() {
     assert_eq!(c.last().unwrap().1, "False");
     let st = state::from_secret(read_secret(&env.api, "registry-state").as_ref()).unwrap();
     assert_eq!(st.mode, "Direct");
-    simulate(&env.api);
+    simulate(&env).await;
     assert!(
         env.rec.reconcile_once().await.unwrap().plan.ready(),
         "recovers"
@@ -502,9 +512,14 @@ async fn bad_license_makes_incluster_proxy_not_ready() {
         .find(|c| c.0 == types::IN_CLUSTER_PROXY_READY)
         .unwrap();
     assert_eq!((p.1.as_str(), p.2.as_str()), ("False", "Processing"));
-    assert_eq!(
-        p.3,
-        "Incluster-proxy probe through the Service failed: auth: credentials refused by the token endpoint (401)."
+    // The cache is warm (the switch probed the tag), yet the probe sees the upstream's
+    // refusal: it asks for revalidation and reads the proxy's OCI code (502 DENIED).
+    assert!(
+        p.3.starts_with(
+            "Incluster-proxy probe through the Service failed: auth: manifest system/deckhouse:v1.70.3 answered 502: upstream registry refused"
+        ),
+        "{}",
+        p.3
     );
     // A fresh switch with a wrong license stops at the checker, which talks to the upstream.
     let env2 = setup(&[("m1", Some("default"), true)]).await;
@@ -558,4 +573,293 @@ async fn real_cluster_read_only() {
     if let Some(s) = s {
         state::status_output(&s).expect("registry-state readable by the status command");
     }
+}
+
+#[tokio::test]
+async fn fresh_switch_probes_only_through_an_existing_service() {
+    let env = setup(&[("m1", Some("default"), true)]).await;
+    env.api.put(MC, module_config(2, direct(&env.reg, "good")));
+    let trace = run_until_ready(&env, 20).await;
+    let failed: Vec<&String> = trace
+        .iter()
+        .flatten()
+        .filter(|c| c.0 == types::IN_CLUSTER_PROXY_READY && c.3.contains("probe"))
+        .map(|c| &c.3)
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .all(|m| *m == "Incluster-proxy probe through the Service pending."),
+        "the probe never ran before the Service existed: {failed:#?}"
+    );
+    assert!(env.api.get(&format!("{NS}/services/registry")).is_some());
+    assert!(
+        env.reg.manifest_requests() > 0,
+        "the probe reached the upstream through the real proxy"
+    );
+}
+
+#[tokio::test]
+async fn direct_to_unmanaged_with_mode_only() {
+    let env = setup(&[("m1", Some("default"), true)]).await;
+    switch_to_direct(&env).await;
+    env.api
+        .put(MC, module_config(3, json!({"mode": "Unmanaged"})));
+    let trace = run_until_ready(&env, 20).await;
+    assert!(
+        !trace
+            .iter()
+            .flatten()
+            .any(|c| c.0 == types::ERR_TRANSITION_NOT_SUPPORTED),
+        "{trace:#?}"
+    );
+    assert!(env.api.get(DEPLOY).is_none());
+    assert!(env.api.get(&format!("{NS}/services/registry")).is_none());
+    let dr =
+        RegistryAccess::from_secret(&read_secret(&env.api, "deckhouse-registry").unwrap()).unwrap();
+    assert_eq!(
+        (dr.address.as_str(), dr.path.as_str()),
+        (env.reg.addr.as_str(), "/deckhouse/ee"),
+        "back to the upstream the Direct config used"
+    );
+    assert_eq!(
+        dr.credentials(),
+        Some(("license-token".into(), "good".into()))
+    );
+    let st = state::from_secret(read_secret(&env.api, "registry-state").as_ref()).unwrap();
+    assert_eq!(
+        (st.mode.as_str(), st.target_mode.as_str()),
+        ("Unmanaged", "Unmanaged")
+    );
+    simulate(&env).await;
+    assert!(
+        env.rec.reconcile_once().await.unwrap().plan.ready(),
+        "steady"
+    );
+    // Fixture for docs/controller.md.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let yaml = serde_saphyr::to_string(&read_secret(&env.api, "registry-state").unwrap()).unwrap();
+    std::fs::write(dir.join("registry-state-unmanaged.yaml"), yaml).unwrap();
+}
+
+#[tokio::test]
+async fn transition_keeps_both_mirrors_until_the_switch_is_done() {
+    // No registry-actual-params: the usual first switch.
+    let env = setup(&[
+        ("m1", Some("default"), true),
+        ("w1", Some("default"), false),
+    ])
+    .await;
+    env.api.put(MC, module_config(2, direct(&env.reg, "good")));
+    let mut saw_transition = false;
+    for pass in 0..20 {
+        let out = env.rec.reconcile_once().await.unwrap();
+        let c = conditions(&env.api);
+        let switched = c
+            .iter()
+            .any(|c| c.0 == types::DECKHOUSE_REGISTRY_SWITCH_READY && c.1 == "True");
+        if let Some(b) = read_secret(&env.api, "registry-bashible-config") {
+            let hosts: Vec<String> = BashibleConfig::from_secret(&b)
+                .unwrap()
+                .hosts
+                .keys()
+                .cloned()
+                .collect();
+            if !switched {
+                saw_transition = true;
+                assert!(
+                    hosts.contains(&env.reg.addr)
+                        && hosts.contains(&"registry.d8-system.svc:5001".to_string()),
+                    "pass {pass}: old and new mirrors until DeckhouseRegistrySwitchReady: {hosts:?} {c:#?}"
+                );
+            }
+        }
+        if out.plan.ready() {
+            let b = BashibleConfig::from_secret(
+                &read_secret(&env.api, "registry-bashible-config").unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                b.hosts.keys().collect::<Vec<_>>(),
+                ["registry.d8-system.svc:5001"]
+            );
+            assert!(saw_transition);
+            return;
+        }
+        simulate(&env).await;
+    }
+    panic!("switch did not finish");
+}
+
+/// One RBAC rule of `deploy/controller/rbac.yaml`, with the namespace its Role binds in
+/// (`None`: ClusterRole).
+struct RbacRule {
+    namespace: Option<String>,
+    groups: Vec<String>,
+    resources: Vec<String>,
+    names: Vec<String>,
+    verbs: Vec<String>,
+}
+
+fn rbac_rules() -> Vec<RbacRule> {
+    let text = include_str!("../../deploy/controller/rbac.yaml");
+    let strs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for doc in text.split("\n---\n") {
+        let v: Value = serde_saphyr::from_str(doc).unwrap();
+        let namespace = match v["kind"].as_str() {
+            Some("Role") => Some(v["metadata"]["namespace"].as_str().unwrap().to_string()),
+            Some("ClusterRole") => None,
+            _ => continue,
+        };
+        for r in v["rules"].as_array().unwrap() {
+            out.push(RbacRule {
+                namespace: namespace.clone(),
+                groups: strs(&r["apiGroups"]),
+                resources: strs(&r["resources"]),
+                names: strs(&r["resourceNames"]),
+                verbs: strs(&r["verbs"]),
+            });
+        }
+    }
+    out
+}
+
+/// (namespace, group, resource, name) of a request path.
+fn request_target(path: &str) -> (Option<String>, String, String, Option<String>) {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segs[0] {
+        "api" => (String::new(), &segs[2..]),
+        _ => (segs[1].to_string(), &segs[3..]),
+    };
+    let (ns, rest) = if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        (Some(rest[1].to_string()), &rest[2..])
+    } else {
+        (None, rest)
+    };
+    (
+        ns,
+        group,
+        rest[0].to_string(),
+        rest.get(1).map(|s| s.to_string()),
+    )
+}
+
+#[tokio::test]
+async fn rbac_grants_exactly_what_the_controller_calls() {
+    let env = setup(&[("m1", Some("default"), true)]).await;
+    // Invalid input (Warning Event), a full switch, then back with `mode: Unmanaged` alone.
+    env.api.put(
+        MC,
+        module_config(
+            2,
+            json!({"mode": "Direct", "direct": {"imagesRepo": "no-path.example"}}),
+        ),
+    );
+    env.rec.reconcile_once().await.unwrap();
+    env.rec.reconcile_once().await.unwrap();
+    let events: Vec<String> = env
+        .api
+        .keys()
+        .into_iter()
+        .filter(|k| k.contains("/events/"))
+        .collect();
+    assert_eq!(
+        events.len(),
+        1,
+        "one Event, deduplicated by the recorder: {events:?}"
+    );
+    let ev = env.api.get(&events[0]).unwrap();
+    assert_eq!(ev["series"]["count"], 2, "{ev}");
+    env.api.put(MC, module_config(3, direct(&env.reg, "good")));
+    run_until_ready(&env, 20).await;
+    simulate(&env).await;
+    env.api
+        .put(MC, module_config(4, json!({"mode": "Unmanaged"})));
+    run_until_ready(&env, 20).await;
+
+    let rules = rbac_rules();
+    let mut used = std::collections::BTreeSet::new();
+    let mut denied = Vec::new();
+    for l in env.api.log().iter().filter(|l| l.who == "replica-a") {
+        let (ns, group, resource, name) = request_target(&l.path);
+        // An apply that creates the object needs `create` as well as `patch`.
+        let mut verbs = vec![l.verb];
+        if l.verb == "patch" && l.status == 201 {
+            verbs.push("create");
+        }
+        for verb in verbs {
+            let hit = rules.iter().position(|r| {
+                r.namespace == ns
+                    && r.groups.contains(&group)
+                    && r.resources.contains(&resource)
+                    && r.verbs.iter().any(|v| v == verb)
+                    && (r.names.is_empty() || name.as_ref().is_some_and(|n| r.names.contains(n)))
+            });
+            match hit {
+                Some(i) => {
+                    used.insert((i, verb.to_string()));
+                }
+                None => denied.push(format!("{verb} {}", l.path)),
+            }
+        }
+    }
+    denied.sort();
+    denied.dedup();
+    assert!(
+        denied.is_empty(),
+        "calls rbac.yaml does not allow: {denied:#?}"
+    );
+    // Leases are exercised by the `run` binary (tests/signals.rs), not by the reconciler.
+    let unused: Vec<String> = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.resources.contains(&"leases".to_string()))
+        .flat_map(|(i, r)| {
+            r.verbs
+                .iter()
+                .filter(|v| !used.contains(&(i, v.to_string())))
+                .map(|v| format!("{v} {:?} {:?} {:?}", r.groups, r.resources, r.names))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(unused.is_empty(), "rules no call needed: {unused:#?}");
+}
+
+#[tokio::test]
+async fn non_containerd_node_is_refused_with_a_reason() {
+    let env = setup(&[
+        ("m1", Some("default"), true),
+        ("w1", Some("default"), false),
+    ])
+    .await;
+    env.api.update("api/v1/nodes/w1", |n| {
+        n["status"]["nodeInfo"]["containerRuntimeVersion"] = json!("cri-o://1.30.2")
+    });
+    env.api.put(MC, module_config(2, direct(&env.reg, "good")));
+    for _ in 0..3 {
+        env.rec.reconcile_once().await.unwrap();
+        simulate(&env).await;
+    }
+    let c = conditions(&env.api);
+    let pre = c
+        .iter()
+        .find(|c| c.0 == types::CONTAINERD_CONFIG_PREFLIGHT_READY)
+        .unwrap();
+    assert_eq!(
+        (pre.1.as_str(), pre.2.as_str(), pre.3.as_str()),
+        (
+            "False",
+            "Error",
+            "- w1: container runtime cri-o://1.30.2 is not supported, Direct mode needs containerd v1 or v2"
+        )
+    );
+    assert!(read_secret(&env.api, "registry-bashible-config").is_none());
+    assert!(env.api.get(DEPLOY).is_none());
 }

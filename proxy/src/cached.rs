@@ -7,7 +7,8 @@
 //! - Manifests by digest are immutable: served from the cache once stored.
 //! - Manifests by tag are revalidated with one upstream `HEAD` (coalesced per tag) unless
 //!   checked within `--tag-freshness`; if the upstream fails, the cached digest is served
-//!   (stale-if-error).
+//!   (stale-if-error). A request with `Cache-Control: no-cache` is always revalidated and
+//!   gets the upstream's failure instead of stale content.
 //!
 //! Without `--cache-dir` (or with `--no-cache`) this module is not used: requests stream
 //! straight from the upstream (`routes::passthrough`).
@@ -562,7 +563,21 @@ pub async fn manifest_by_digest(
     ))
 }
 
-/// `GET|HEAD /v2/<name>/manifests/<tag>` through the cache.
+/// `Cache-Control: no-cache` (RFC 9111 §5.2.1.4) on a request: the client wants the
+/// upstream's current answer, not a stored one.
+pub fn wants_revalidation(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+}
+
+/// `GET|HEAD /v2/<name>/manifests/<tag>` through the cache. With `force_revalidation`
+/// (the client sent `Cache-Control: no-cache`) the tag is always checked upstream and an
+/// upstream failure is returned instead of stale content: the controller's probe relies on
+/// it to see a revoked license.
 pub async fn manifest_by_tag(
     state: &AppState,
     layer: &CacheLayer,
@@ -570,6 +585,7 @@ pub async fn manifest_by_tag(
     remote: &str,
     tag: &str,
     scope: &str,
+    force_revalidation: bool,
 ) -> Result<Response, ApiError> {
     let (upstream, metrics) = (&state.upstream, &state.metrics);
     let head = *method == Method::HEAD;
@@ -581,7 +597,8 @@ pub async fn manifest_by_tag(
         }
     };
     let fresh = record.as_ref().is_some_and(|r| {
-        !layer.tag_freshness.is_zero()
+        !force_revalidation
+            && !layer.tag_freshness.is_zero()
             && SystemTime::now()
                 .duration_since(r.checked_at)
                 .is_ok_and(|age| age < layer.tag_freshness)
@@ -603,7 +620,7 @@ pub async fn manifest_by_tag(
     let resolved = revalidate(layer, upstream, metrics, remote, tag, scope).await;
     let (digest, media_type) = match resolved {
         Ok(v) => v,
-        Err(e) if stale_allowed(&e) => {
+        Err(e) if !force_revalidation && stale_allowed(&e) => {
             if let Some(r) = &record
                 && let Ok(Some(m)) = layer.cache.manifest(&r.digest).await
             {

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub probe_outcome: IntGaugeVec,
     /// Unix time of the last successful probe.
     pub probe_last_success: IntGauge,
+    /// 1 while the upstream probe fails and clients get only what the cache holds.
+    pub serving_cache_only: IntGauge,
     /// `notAfter` of the serving certificate (Unix seconds).
     pub cert_expiry: IntGauge,
     /// Secret/config file reloads by file and result.
@@ -215,6 +217,10 @@ impl Metrics {
             "registry_proxy_upstream_probe_last_success_timestamp_seconds",
             "Unix time of the last successful upstream probe (0 = never).",
         );
+        let serving_cache_only = IntGauge::new(
+            "registry_proxy_serving_cache_only",
+            "1 while the upstream probe fails (refused, unreachable, ...) and only cached content is served.",
+        );
         let cert_expiry = IntGauge::new(
             "registry_proxy_tls_cert_expiry_timestamp_seconds",
             "notAfter of the serving certificate as Unix time (0 = plain HTTP).",
@@ -254,6 +260,7 @@ impl Metrics {
             cache_write_errors: ok_or_unregistered(cache_write_errors),
             probe_outcome: ok_or_unregistered(probe_outcome),
             probe_last_success: ok_or_unregistered(probe_last_success),
+            serving_cache_only: ok_or_unregistered(serving_cache_only),
             cert_expiry: ok_or_unregistered(cert_expiry),
             config_reloads: ok_or_unregistered(config_reloads),
             client_auth: ok_or_unregistered(client_auth),
@@ -337,6 +344,7 @@ impl Metrics {
             Box::new(self.cache_write_errors.clone()),
             Box::new(self.probe_outcome.clone()),
             Box::new(self.probe_last_success.clone()),
+            Box::new(self.serving_cache_only.clone()),
             Box::new(self.cert_expiry.clone()),
             Box::new(self.config_reloads.clone()),
             Box::new(self.client_auth.clone()),

@@ -83,6 +83,7 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
         "ready": ready,
         "listening": listening,
         "strict": s.strict,
+        "serving": probe.serving(),
         "upstream": &*probe,
         "cache": cache,
     });

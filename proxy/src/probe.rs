@@ -39,6 +39,18 @@ pub struct ProbeStatus {
     pub last_success: u64,
 }
 
+impl ProbeStatus {
+    /// What clients get: `upstream` while the probe passes (or has not run), `cache-only`
+    /// while it fails. Cached content stays served when the upstream refuses the license
+    /// (availability over licensing; docs/operations.md).
+    pub fn serving(&self) -> &'static str {
+        match self.outcome {
+            "ok" | "unknown" => "upstream",
+            _ => "cache-only",
+        }
+    }
+}
+
 /// Shared probe state read by `/readyz`.
 #[derive(Clone, Debug)]
 pub struct Probe {
@@ -194,6 +206,9 @@ pub async fn run(
         metrics
             .probe_last_success
             .set(i64::try_from(status.last_success).unwrap_or(0));
+        metrics
+            .serving_cache_only
+            .set(i64::from(status.serving() == "cache-only"));
         probe.status.store(Arc::new(status));
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -165,7 +165,9 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
                 crate::cached::manifest_by_digest(state, c, &method, &remote, d, &scope).await
             }
             (Some(c), Reference::Tag(t)) => {
-                crate::cached::manifest_by_tag(state, c, &method, &remote, t, &scope).await
+                let revalidate = crate::cached::wants_revalidation(&req.headers);
+                crate::cached::manifest_by_tag(state, c, &method, &remote, t, &scope, revalidate)
+                    .await
             }
             _ => {
                 state.metrics.cache("manifest", "bypass");

@@ -15,6 +15,7 @@ mod harness;
 mod logs;
 mod metrics;
 mod ops;
+mod revalidate;
 mod rfc;
 mod routes;
 mod shutdown;

@@ -305,6 +305,8 @@ async fn scripted_pulls_give_exact_counters() {
         assert_eq!(after.get(&s), 0.0, "{s}");
     }
     assert!(after.get("registry_proxy_upstream_probe_last_success_timestamp_seconds") > 1.0e9);
+    assert!(after.present("registry_proxy_serving_cache_only"));
+    assert_eq!(after.get("registry_proxy_serving_cache_only"), 0.0);
     assert_eq!(
         after.get("registry_proxy_upstream_rate_limit_remaining"),
         -1.0
@@ -382,6 +384,8 @@ async fn dead_upstream_is_counted_as_errors_and_probe_unreachable() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["upstream"]["outcome"], "unreachable", "{body}");
     assert_eq!(body["ready"], true, "{body}");
+    assert_eq!(body["serving"], "cache-only", "{body}");
+    assert_eq!(after.get("registry_proxy_serving_cache_only"), 1.0);
 }
 
 fn pulls(client: &str, kind: &str, source: &str) -> String {

@@ -18,6 +18,7 @@ fn node(name: &str, v: Option<&str>) -> NodeObs {
         name: name.into(),
         containerd_label: Some("default".into()),
         version: v.map(Into::into),
+        runtime: Some("containerd://1.7.27".into()),
     }
 }
 
@@ -291,8 +292,12 @@ fn pipeline_waits_in_order_with_documented_messages() {
     );
     assert_eq!(
         plan.service,
-        ServiceAction::Keep,
-        "Service only after the proxy is ready"
+        ServiceAction::Apply,
+        "the probe goes through the Service, so it comes with the proxy objects"
+    );
+    assert_eq!(
+        plan.deckhouse_registry, None,
+        "nothing switches on a failed probe"
     );
     o.probe = Some(ProbeOutcome::Ok);
     plan = step(&o);
@@ -558,8 +563,21 @@ fn forbidden_transitions() {
             )
         );
     }
-    let mut d = direct_world(&up("r.example", "d/ee", "k"));
+    // `mode: Unmanaged` alone from Direct goes back to the recorded Direct upstream...
+    let direct_p = up("r.example", "d/ee", "k");
+    let mut d = direct_world(&direct_p);
     d.target = Ok(Target::Unmanaged(None));
+    d.actual = Some((Mode::Direct, direct_p.clone()));
+    let plan = step(&d);
+    assert!(
+        plan.state
+            .conditions
+            .get(types::ERR_TRANSITION_NOT_SUPPORTED)
+            .is_none()
+    );
+    assert_eq!(plan.state.target_mode, "Unmanaged");
+    // ...and is refused only when no Direct parameters were recorded.
+    d.actual = None;
     let plan = step(&d);
     assert_eq!(
         plan.state
