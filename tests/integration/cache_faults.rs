@@ -245,10 +245,7 @@ async fn unwritable_tmp_serves_verified_pass_through_and_reports_degraded() {
     let tmp = dir.path().join("tmp");
     wait_until(Duration::from_secs(10), "cache opened", || async {
         let r = test_client().get(px.metrics_url("/readyz")).send().await;
-        match r {
-            Ok(r) if r.status() == 200 => true,
-            _ => false,
-        }
+        matches!(r, Ok(r) if r.status() == 200)
     })
     .await;
     std::fs::remove_dir_all(&tmp).unwrap();
