@@ -37,9 +37,12 @@ pub struct CacheLayer {
     tag_freshness: Duration,
     prefetch: bool,
     revalidations: Arc<SingleFlight>,
+    manifest_fetches: Arc<Mutex<HashMap<String, ManifestFetch>>>,
     /// Owns prefetches and revalidations, which outlive the request that started them.
     tasks: tokio_util::task::TaskTracker,
 }
+
+type ManifestFetch = Shared<BoxFuture<'static, Result<(Bytes, String, Digest), ApiError>>>;
 
 type Revalidation = Shared<BoxFuture<'static, Result<(Digest, String), ApiError>>>;
 
@@ -62,6 +65,7 @@ impl CacheLayer {
             tag_freshness,
             prefetch,
             revalidations: Arc::default(),
+            manifest_fetches: Arc::default(),
             tasks,
         }
     }
@@ -109,6 +113,7 @@ impl BlobSource for UpstreamBlob {
             if let Some(e) = routes::upstream_error(&resp, "BLOB_UNKNOWN") {
                 return Err(classify(e));
             }
+            routes::check_blob_length(&resp).map_err(SourceError::fatal)?;
             let status = resp.status();
             let total_len = match (offset, status) {
                 (0, StatusCode::OK) => resp.content_length(),
@@ -379,6 +384,7 @@ async fn upstream_blob(
     if let Some(e) = routes::upstream_error(&resp, "BLOB_UNKNOWN") {
         return Err(e);
     }
+    routes::check_blob_length(&resp)?;
     Ok(routes::stream_upstream(
         metrics,
         resp,
@@ -484,6 +490,64 @@ async fn fetch_manifest(
     Ok((bytes, media_type, digest))
 }
 
+/// [`fetch_manifest`] by digest, one upstream GET per (repository, digest) at a time:
+/// concurrent cold pulls of one tag all need the same manifest. The GET runs on its own task,
+/// so a client that goes away does not cancel it for the others.
+async fn fetch_manifest_by_digest(
+    layer: &CacheLayer,
+    upstream: &Upstream,
+    metrics: &Arc<Metrics>,
+    remote: &str,
+    digest: &Digest,
+    scope: &str,
+) -> Result<(Bytes, String, Digest), ApiError> {
+    let key = format!("{remote}@{digest}");
+    let shared = {
+        let mut running = match layer.manifest_fetches.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(s) = running.get(&key) {
+            s.clone()
+        } else {
+            let (layer_c, upstream, metrics) = (layer.clone(), upstream.clone(), metrics.clone());
+            let (remote, digest, scope) = (remote.to_owned(), digest.clone(), scope.to_owned());
+            let task = layer.tasks.spawn(async move {
+                fetch_manifest(
+                    &layer_c,
+                    &upstream,
+                    &metrics,
+                    &remote,
+                    digest.as_ref(),
+                    Some(&digest),
+                    &scope,
+                )
+                .await
+            });
+            let fut: BoxFuture<'static, Result<(Bytes, String, Digest), ApiError>> = async move {
+                match task.await {
+                    Ok(r) => r,
+                    Err(_) => Err(ApiError::internal("manifest fetch task failed")),
+                }
+            }
+            .boxed();
+            let shared = fut.shared();
+            running.insert(key.clone(), shared.clone());
+            shared
+        }
+    };
+    let result = shared.await;
+    let mut running = match layer.manifest_fetches.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    // Only the entry of this flight; a newer one may have replaced it.
+    if running.get(&key).and_then(|s| s.peek()).is_some() {
+        running.remove(&key);
+    }
+    result
+}
+
 /// Warms the layers of a manifest in the background; fills are deduplicated by the
 /// cache and outlive this request.
 fn prefetch(
@@ -543,16 +607,8 @@ pub async fn manifest_by_digest(
         }
     }
     metrics.cache("manifest", "miss");
-    let (bytes, media_type, d) = fetch_manifest(
-        layer,
-        upstream,
-        metrics,
-        remote,
-        digest.as_ref(),
-        Some(digest),
-        scope,
-    )
-    .await?;
+    let (bytes, media_type, d) =
+        fetch_manifest_by_digest(layer, upstream, metrics, remote, digest, scope).await?;
     Ok(manifest_response(
         bytes,
         &media_type,
@@ -655,14 +711,8 @@ pub async fn manifest_by_tag(
         ));
     }
     metrics.cache("manifest", "miss");
-    let (bytes, media_type, d) = match fetch_manifest(
-        layer,
-        upstream,
-        metrics,
-        remote,
-        digest.as_ref(),
-        Some(&digest),
-        scope,
+    let (bytes, media_type, d) = match fetch_manifest_by_digest(
+        layer, upstream, metrics, remote, &digest, scope,
     )
     .await
     {

@@ -182,7 +182,7 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
                 state.metrics.cache("blob", "bypass");
                 let p = format!("{remote}/blobs/{digest}");
                 let headers = without_stale_range(&req.headers, digest.as_ref());
-                passthrough(state, &method, &p, &headers, &scope, "BLOB_UNKNOWN").await
+                blob_passthrough(state, &method, &p, &headers, &scope).await
             }
         },
         Route::Tags { name } => {
@@ -347,6 +347,51 @@ async fn passthrough(
     ))
 }
 
+/// Largest blob length believed from an upstream (1 TiB): OCI layers are far smaller, and a
+/// client handed a `Content-Length` of 10^15 would wait for bytes that never come.
+pub const MAX_BLOB_BYTES: u64 = 1 << 40;
+
+/// Refuses an upstream blob response whose announced length is implausible.
+pub fn check_blob_length(resp: &reqwest::Response) -> Result<(), ApiError> {
+    // The header itself: for a HEAD, reqwest's `content_length()` is the empty body's size.
+    let announced = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .or(resp.content_length());
+    match announced {
+        Some(n) if n > MAX_BLOB_BYTES => {
+            tracing::warn!(length = n, "upstream blob length implausible; refused");
+            Err(ApiError::integrity("upstream blob length is implausible"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// [`passthrough`] for blobs, with the announced length checked before it reaches the client.
+async fn blob_passthrough(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    scope: &str,
+) -> Result<Response, ApiError> {
+    let resp = state
+        .upstream
+        .send(method.clone(), path, headers, Some(scope))
+        .await?;
+    if let Some(e) = upstream_error(&resp, "BLOB_UNKNOWN") {
+        return Err(e);
+    }
+    check_blob_length(&resp)?;
+    Ok(stream_upstream(
+        &state.metrics,
+        resp,
+        *method == Method::HEAD,
+    ))
+}
+
 /// Streams an upstream response to the client.
 pub fn stream_upstream(
     metrics: &Arc<crate::metrics::Metrics>,
@@ -459,9 +504,14 @@ async fn manifest(
         Reference::Tag(_) => None,
     };
     let (body, computed) = read_manifest(resp, expected, &state.metrics).await?;
-    if !out_headers.contains_key("docker-content-digest")
-        && let Ok(v) = HeaderValue::from_str(computed.as_ref())
-    {
+    // The digest header is the one computed from the bytes, whatever the upstream claimed
+    // (by digest a mismatch was refused above).
+    if let Ok(v) = HeaderValue::from_str(computed.as_ref()) {
+        if let Some(claimed) = out_headers.get("docker-content-digest")
+            && claimed != v
+        {
+            tracing::warn!(claimed = ?claimed, computed = %computed, "upstream manifest digest header is wrong; replaced");
+        }
         out_headers.insert("docker-content-digest", v);
     }
     if let Ok(v) = HeaderValue::from_str(&body.len().to_string()) {

@@ -12,7 +12,10 @@ use std::{
 };
 
 use futures_util::future::join_all;
-use registry_tests::{Blob, FakeUpstream, ProxyHandle, Rule, test_client};
+use registry_tests::{
+    Action, Blob, FakeUpstream, Image, ProxyHandle, Rule, fake_upstream::UPSTREAM_REPO,
+    proxy::passthrough, test_client,
+};
 use reqwest::header;
 use tempfile::TempDir;
 
@@ -21,6 +24,7 @@ use super::cache::{
     settle, slow, sum_metric, up_blob, wait_until,
 };
 
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const CORRUPT: &str = "registry_proxy_cache_corrupt_total";
 
 /// Flips one byte of a committed blob in place (same size, so only a hash can tell).
@@ -414,4 +418,114 @@ async fn default_cap_from_free_space_keeps_a_small_disk_from_filling() {
         px.metric("registry_proxy_cache_write_errors_total").await,
         0.0
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Never forward a claim the proxy can check
+// ---------------------------------------------------------------------------------------
+
+const FAKE_DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+fn lie(headers: &[(&str, &str)]) -> Action {
+    Action::Lie(
+        headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn lying_manifest_digest_header_is_replaced_without_cache_and_on_bypass() {
+    let up = FakeUpstream::start().await;
+    let img = Image::random(&[1024]);
+    up.push_image(UPSTREAM_REPO, Some("v1"), &img);
+    up.on(Rule::prefix(
+        format!("/v2/{UPSTREAM_REPO}/manifests/"),
+        lie(&[("Docker-Content-Digest", FAKE_DIGEST)]),
+    ));
+    let dir = TempDir::new().unwrap();
+    let cached = cached_proxy(up.proxy_args(), dir.path(), &[]).await;
+    let nocache = passthrough(&up, &[]).await;
+    for (px, what) in [(&cached, "cache bypass"), (&nocache, "no cache")] {
+        for reference in ["v1", img.manifest.digest.as_str()] {
+            let r = test_client()
+                .get(px.url(&format!("/v2/system/deckhouse/manifests/{reference}")))
+                .header(header::ACCEPT, OCI_MANIFEST)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{what} {reference}");
+            assert_eq!(
+                r.headers()["docker-content-digest"],
+                img.manifest.digest.as_str(),
+                "{what} {reference}: the upstream's claim was forwarded"
+            );
+            assert_eq!(r.bytes().await.unwrap(), img.manifest.data);
+        }
+    }
+}
+
+#[tokio::test]
+async fn absurd_upstream_blob_length_is_never_forwarded() {
+    let up = FakeUpstream::start().await;
+    let blob = Blob::random(64 * 1024);
+    up.push_blob(&blob);
+    up.on(Rule::exact(
+        up_blob(&blob),
+        lie(&[("Content-Length", "1000000000000000")]),
+    ));
+    let dir = TempDir::new().unwrap();
+    let cached = cached_proxy(up.proxy_args(), dir.path(), &[]).await;
+    let nocache = passthrough(&up, &[]).await;
+    for (px, what) in [(&cached, "cache"), (&nocache, "no cache")] {
+        for head in [false, true] {
+            let c = test_client();
+            let url = px.url(&client_blob(&blob));
+            let r = if head { c.head(url) } else { c.get(url) }
+                .send()
+                .await
+                .unwrap();
+            assert_ne!(
+                r.headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()),
+                Some("1000000000000000"),
+                "{what} head={head}: forwarded"
+            );
+            assert_eq!(r.status(), 502, "{what} head={head}");
+        }
+    }
+    assert!(!blob_file(dir.path(), &blob.digest).exists());
+}
+
+// ---------------------------------------------------------------------------------------
+// Coalesced cold manifest GETs
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn hundred_concurrent_cold_tag_pulls_make_one_manifest_get_by_digest() {
+    let up = FakeUpstream::start().await;
+    let img = Image::random(&[1024]);
+    up.push_image(UPSTREAM_REPO, Some("v1"), &img);
+    let by_digest = format!("/v2/{UPSTREAM_REPO}/manifests/{}", img.manifest.digest);
+    // Every client arrives while the one GET is still waiting for its headers.
+    up.on(Rule::exact(&by_digest, Action::DelayHeaders(Duration::from_millis(300))).method("GET"));
+    let dir = TempDir::new().unwrap();
+    let px = cached_proxy(up.proxy_args(), dir.path(), &[]).await;
+    let url = px.url("/v2/system/deckhouse/manifests/v1");
+    let bodies = join_all((0..100).map(|_| {
+        let url = url.clone();
+        async move {
+            let r = test_client().get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap()
+        }
+    }))
+    .await;
+    assert!(
+        bodies.iter().all(|b| *b == img.manifest.data),
+        "wrong manifest bytes"
+    );
+    assert_eq!(up.requests("GET", &by_digest), 1, "upstream GETs by digest");
 }

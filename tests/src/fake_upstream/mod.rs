@@ -102,6 +102,9 @@ pub enum Action {
     /// Answer blob GETs with the whole blob (`200`) even when a `Range` was asked for, as
     /// some registries and CDNs do.
     IgnoreRange,
+    /// The normal response with these headers replaced: a lying upstream (a wrong
+    /// `Docker-Content-Digest`, an absurd `Content-Length`).
+    Lie(Vec<(String, String)>),
 }
 
 impl Action {

@@ -298,11 +298,23 @@ async fn upstream(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             None,
         ),
     };
+    if let Some(Action::Lie(headers)) = &action {
+        for (k, v) in headers {
+            resp.headers_mut().insert(
+                header::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                header_value(v),
+            );
+        }
+    }
     if let Some(data) = body {
         if head {
             *resp.body_mut() = Body::empty();
         } else {
-            *resp.body_mut() = shaped_body(data, action.as_ref());
+            *resp.body_mut() = match &action {
+                // No exact size hint, so hyper sends the lying length as given.
+                Some(Action::Lie(_)) => Body::from_stream(stream::iter([Ok::<_, io::Error>(data)])),
+                other => shaped_body(data, other.as_ref()),
+            };
         }
     }
     resp
