@@ -27,8 +27,6 @@ struct Env {
     reg: FakeRegistry,
     pod: ProxyPod,
     rec: Reconciler,
-    /// The fake API's URL, for more clients.
-    url: String,
 }
 
 fn module_config(generation: i64, registry: Value) -> Value {
@@ -102,13 +100,7 @@ async fn setup(node_labels: &[(&str, Option<&str>, bool)]) -> Env {
             ..Settings::default()
         },
     );
-    Env {
-        api,
-        reg,
-        pod,
-        rec,
-        url,
-    }
+    Env { api, reg, pod, rec }
 }
 
 fn read_secret(api: &FakeApi, name: &str) -> Option<Secret> {

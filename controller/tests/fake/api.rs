@@ -240,17 +240,17 @@ impl Inner {
     }
 
     /// Validation common to every write: immutable fields, ClusterIP allocation.
-    fn admit(&mut self, existing: Option<&Value>, obj: &mut Value) -> Result<(), Response> {
+    fn admit(&mut self, existing: Option<&Value>, obj: &mut Value) -> Result<(), Box<Response>> {
         let kind = obj["kind"].as_str().unwrap_or("").to_string();
         if kind == "Service" {
             let old_ip = existing.and_then(|e| e.pointer("/spec/clusterIP").cloned());
             match (&old_ip, obj.pointer("/spec/clusterIP")) {
                 (Some(old), Some(new)) if old != new => {
-                    return Err(status(
+                    return Err(Box::new(status(
                         422,
                         "Invalid",
                         "Service \"registry\" is invalid: spec.clusterIP: Invalid value: field is immutable",
-                    ));
+                    )));
                 }
                 _ => {}
             }
@@ -267,11 +267,11 @@ impl Inner {
             if let Some(e) = existing
                 && e.get("type") != obj.get("type")
             {
-                return Err(status(
+                return Err(Box::new(status(
                     422,
                     "Invalid",
                     "Secret is invalid: type: Invalid value: field is immutable",
-                ));
+                )));
             }
         }
         Ok(())
@@ -378,7 +378,7 @@ impl Inner {
             }
         };
         if let Err(r) = self.admit(existing.as_ref(), &mut obj) {
-            return r;
+            return *r;
         }
         self.take_ownership(key, &apply_key, new_leaves, true);
         self.finish_write(key, existing.as_ref(), &mut obj);
@@ -422,7 +422,7 @@ impl Inner {
             }
         }
         if let Err(r) = self.admit(existing.as_ref(), &mut obj) {
-            return r;
+            return *r;
         }
         let owned = changed_leaves(existing.as_ref().unwrap_or(&json!({})), &obj);
         self.take_ownership(key, &format!("{manager}\u{0}Update"), owned, false);

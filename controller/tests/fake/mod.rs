@@ -10,6 +10,10 @@ pub mod api;
 pub mod kubelet;
 pub mod upstream;
 
+// Each test crate that includes this module uses a subset.
+#[allow(unused_imports)]
 pub use api::FakeApi;
+#[allow(unused_imports)]
 pub use kubelet::ProxyPod;
+#[allow(unused_imports)]
 pub use upstream::FakeRegistry;
