@@ -2,9 +2,7 @@
 //! ([`api`]), an upstream registry ([`upstream`]) and the proxy pod, which is the real
 //! `registry-proxy` binary run from the applied Deployment ([`kubelet`]).
 
-// Each test binary uses a different part of the doubles; an error `Response` is the
-// natural early return of a fake handler.
-#![allow(dead_code, unreachable_pub, unused_imports, clippy::result_large_err)]
+#![allow(dead_code, unreachable_pub)]
 
 pub mod api;
 pub mod kubelet;
