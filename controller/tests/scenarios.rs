@@ -5,6 +5,7 @@
 mod fake;
 
 use std::io::Write as _;
+use std::time::Duration;
 
 use fake::{FakeApi, FakeRegistry, ProxyPod};
 use k8s_openapi::api::core::v1::Secret;
@@ -160,6 +161,9 @@ async fn run_until_ready(env: &Env, max: usize) -> Vec<Vec<(String, String, Stri
             return trace;
         }
         simulate(env).await;
+        // The real proxy picks up rewritten Secret files on its own reload interval (2s),
+        // as it would under a kubelet; passes back to back would outrun it.
+        tokio::time::sleep(Duration::from_millis(150)).await;
     }
     panic!("not ready: {trace:#?}\nproxy log:\n{}", env.pod.logs());
 }
@@ -311,7 +315,7 @@ async fn direct_credential_rotation() {
     env.reg.set_password("rotated");
     env.api
         .put(MC, module_config(3, direct(&env.reg, "rotated")));
-    let trace = run_until_ready(&env, 20).await;
+    let trace = run_until_ready(&env, 40).await;
     assert!(
         trace[0].iter().any(|c| c.1 == "False"
             && (c.0 == types::REGISTRY_CONTAINS_REQUIRED_IMAGES
