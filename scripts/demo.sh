@@ -47,22 +47,7 @@ lab_push "$LAB/layout:small" deckhouse/ee:v1.0.0
 lab_push "$LAB/layout:install" deckhouse/ee/install:v1.0.0
 
 C=$LAB/ctrd
-mkdir -p "$C"
-cat >"$C/config.toml" <<CFG
-version = 2
-root = "$C/root"
-state = "$C/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$C/containerd.sock"
-[ttrpc]
-  address = "$C/containerd.sock.ttrpc"
-[debug]
-  address = "$C/debug.sock"
-  level = "info"
-CFG
-lab_bg containerd containerd --config "$C/config.toml"
-for _ in $(seq 1 100); do [[ -S $C/containerd.sock ]] && break; sleep 0.1; done
+lab_containerd containerd "$C"
 
 # What the README blocks read.
 export CONTAINERD_ADDRESS=$C/containerd.sock CONTAINERD_NAMESPACE=demo

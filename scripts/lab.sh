@@ -369,3 +369,34 @@ lab_watchdog() {
     ) &
     LAB_PIDS+=("$!")
 }
+
+# A private containerd config under DIR (own root, state and sockets; no CRI plugin) written
+# to FILE (default DIR/config.toml), so test daemons never touch the host's containerd.
+lab_containerd_config() { # lab_containerd_config DIR [FILE]
+    local d=$1 f=${2:-$1/config.toml}
+    mkdir -p "$d"
+    cat >"$f" <<CFG
+version = 2
+root = "$d/root"
+state = "$d/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$d/containerd.sock"
+[ttrpc]
+  address = "$d/containerd.sock.ttrpc"
+[debug]
+  address = "$d/debug.sock"
+  level = "info"
+CFG
+}
+
+# Starts a private containerd named NAME under DIR and waits until it answers on
+# DIR/containerd.sock.
+lab_containerd() { # lab_containerd NAME DIR
+    local n=$1 d=$2
+    lab_containerd_config "$d"
+    lab_bg "$n" containerd --config "$d/config.toml"
+    for _ in $(seq 1 100); do [[ -S $d/containerd.sock ]] && break; sleep 0.1; done
+    ctr -a "$d/containerd.sock" version >/dev/null 2>&1 ||
+        lab_die "containerd $n did not start: $(tail -5 "$LAB/logs/$n.log")"
+}

@@ -150,19 +150,7 @@ else fail "skopeo anonymous upstream, no credentials" "$(tail -2 "$LAB/logs/skop
 
 # ---------------------------------------------------------------- containerd
 C=$LAB/ctrd
-cat >"$LAB/ctrd.toml" <<EOF
-version = 2
-root = "$C/root"
-state = "$C/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$C/containerd.sock"
-[ttrpc]
-  address = "$C/containerd.sock.ttrpc"
-[debug]
-  address = "$C/debug.sock"
-  level = "info"
-EOF
+lab_containerd_config "$C" "$LAB/ctrd.toml"
 for kind in auth anon; do
     px=$PA
     [[ $kind == anon ]] && px=$PN

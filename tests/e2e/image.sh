@@ -55,22 +55,7 @@ lab_push "$LAB/layout:img" deckhouse/ee:v1.0.0
 
 # ---- private containerd, import, run
 C=$LAB/ctrd
-mkdir -p "$C"
-cat >"$C/config.toml" <<CFG
-version = 2
-root = "$C/root"
-state = "$C/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$C/containerd.sock"
-[ttrpc]
-  address = "$C/containerd.sock.ttrpc"
-[debug]
-  address = "$C/debug.sock"
-  level = "info"
-CFG
-lab_bg containerd containerd --config "$C/config.toml"
-for _ in $(seq 1 100); do [[ -S $C/containerd.sock ]] && break; sleep 0.1; done
+lab_containerd containerd "$C"
 CTR=(ctr -a "$C/containerd.sock" -n image-e2e)
 "${CTR[@]}" version >/dev/null 2>&1 || { fail "containerd starts" "$(tail -5 "$LAB/logs/containerd.log")"; exit 1; }
 if "${CTR[@]}" images import "$ARCHIVE" >"$LAB/logs/import.log" 2>&1; then

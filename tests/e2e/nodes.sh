@@ -140,23 +140,8 @@ start_node() { # start_node NAME
     local n=$1 d=$LAB/$1
     mkdir -p "$d"
     install_node_files "$d/hosts"
-    cat >"$d/config.toml" <<EOF
-version = 2
-root = "$d/root"
-state = "$d/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$d/containerd.sock"
-[ttrpc]
-  address = "$d/containerd.sock.ttrpc"
-[debug]
-  address = "$d/debug.sock"
-  level = "info"
-EOF
-    lab_bg "$n" containerd --config "$d/config.toml"
-    for _ in $(seq 1 100); do [[ -S $d/containerd.sock ]] && break; sleep 0.1; done
+    lab_containerd "$n" "$d"
     CTR_SOCK[$n]=$d/containerd.sock
-    ctr -a "$d/containerd.sock" version >/dev/null 2>&1 || lab_die "containerd $n did not start: $(tail -5 "$LAB/logs/$n.log")"
 }
 start_node node1
 start_node node2

@@ -178,19 +178,7 @@ lab_log "skopeo done ($((SECONDS - T1)) s)"
 T1=$SECONDS
 C=$LAB/ctrd
 mkdir -p "$C/hosts/$HOST"
-cat >"$C/config.toml" <<EOF
-version = 2
-root = "$C/root"
-state = "$C/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$C/containerd.sock"
-[ttrpc]
-  address = "$C/containerd.sock.ttrpc"
-[debug]
-  address = "$C/debug.sock"
-  level = "info"
-EOF
+lab_containerd_config "$C"
 # The server name does not resolve: a silent fallback past the proxy fails loudly instead.
 cat >"$C/hosts/$HOST/hosts.toml" <<EOF
 server = "https://$HOST"
