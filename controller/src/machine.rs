@@ -280,6 +280,11 @@ fn preflight_message(o: &Observed) -> Option<String> {
             )),
         }
     }
+    bounded_lines(lines)
+}
+
+/// At most [`MAX_LINES`] lines of a per-node message, with a marker when some were cut.
+fn bounded_lines(mut lines: Vec<String>) -> Option<String> {
     if lines.is_empty() {
         return None;
     }
@@ -294,7 +299,7 @@ fn preflight_message(o: &Observed) -> Option<String> {
 /// Nodes whose container runtime cannot take Direct's node configuration (not containerd
 /// v1/v2), as a refusal message; waiting would never help.
 fn unsupported_runtime_message(o: &Observed) -> Option<String> {
-    let mut lines: Vec<String> = o
+    let lines: Vec<String> = o
         .nodes
         .iter()
         .filter_map(|n| {
@@ -307,15 +312,7 @@ fn unsupported_runtime_message(o: &Observed) -> Option<String> {
             })
         })
         .collect();
-    if lines.is_empty() {
-        return None;
-    }
-    let more = lines.len() > MAX_LINES;
-    lines.truncate(MAX_LINES);
-    if more {
-        lines.push("...and more".into());
-    }
-    Some(lines.join("\n"))
+    bounded_lines(lines)
 }
 
 /// Steps 1–4 shared by every switch. Returns false when the pipeline stops.

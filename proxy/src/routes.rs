@@ -333,18 +333,31 @@ async fn passthrough(
     scope: &str,
     not_found: &'static str,
 ) -> Result<Response, ApiError> {
-    let resp = state
-        .upstream
-        .send(method.clone(), path_and_query, headers, Some(scope))
-        .await?;
-    if let Some(e) = upstream_error(&resp, not_found) {
-        return Err(e);
-    }
+    let resp = send_ok(state, method, path_and_query, headers, scope, not_found).await?;
     Ok(stream_upstream(
         &state.metrics,
         resp,
         *method == Method::HEAD,
     ))
+}
+
+/// Sends a request upstream and maps an error status to its typed error.
+async fn send_ok(
+    state: &AppState,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    scope: &str,
+    not_found: &'static str,
+) -> Result<reqwest::Response, ApiError> {
+    let resp = state
+        .upstream
+        .send(method.clone(), path_and_query, headers, Some(scope))
+        .await?;
+    match upstream_error(&resp, not_found) {
+        Some(e) => Err(e),
+        None => Ok(resp),
+    }
 }
 
 /// Largest blob length believed from an upstream (1 TiB): OCI layers are far smaller, and a
@@ -377,13 +390,7 @@ async fn blob_passthrough(
     headers: &HeaderMap,
     scope: &str,
 ) -> Result<Response, ApiError> {
-    let resp = state
-        .upstream
-        .send(method.clone(), path, headers, Some(scope))
-        .await?;
-    if let Some(e) = upstream_error(&resp, "BLOB_UNKNOWN") {
-        return Err(e);
-    }
+    let resp = send_ok(state, method, path, headers, scope, "BLOB_UNKNOWN").await?;
     check_blob_length(&resp)?;
     Ok(stream_upstream(
         &state.metrics,
