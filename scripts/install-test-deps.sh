@@ -25,6 +25,14 @@ python3 -c "import yaml" 2>/dev/null || need+=(python3-yaml)
 have unshare || need+=(util-linux)
 have mount || need+=(mount)
 
+# Garage (the S3 engine of Deckhouse's sds-object) for the cluster-tier tests: not in
+# Debian, built from crates.io once (about 30 min on 2 cores) and reused when present.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! have garage; then
+  echo "test dependencies: building garage from crates.io (cargo install garage --locked, ~30 min on 2 cores)"
+  cargo install garage --locked --quiet
+fi
+
 if ((${#need[@]} == 0)); then
   echo "test dependencies: all present"
   exit 0

@@ -76,6 +76,7 @@ impl FillShared {
 }
 
 /// A handle on an in-flight (or just finished) fill. Dropping it never cancels the fill.
+#[derive(Clone)]
 pub struct Fill {
     shared: Arc<FillShared>,
     leader: bool,
@@ -113,6 +114,15 @@ impl Fill {
     /// The digest being filled.
     pub fn digest(&self) -> &Digest {
         &self.shared.digest
+    }
+
+    /// Where the fill reads from now ([`BlobSource::label`] of the leader's source), for
+    /// the `source` label of served bytes.
+    pub fn source_label(&self) -> &'static str {
+        self.shared
+            .fallback
+            .as_ref()
+            .map_or("upstream", |f| f.source.label())
     }
 
     /// Total length as soon as the upstream answered (its headers), or the error that ended the

@@ -17,8 +17,12 @@
 //! - `verify`: re-hashing committed blobs on read (streaming, Range pre-check) and the scrub.
 //! - `error`: [`CacheError`], [`FillError`], [`SourceError`].
 //! - `source`: the [`BlobSource`] trait.
+//! - [`chain`]: tiers behind the local disk tried in order ([`ChainSource`]).
+//! - [`tier`]: the shared S3 tier ([`S3Tier`]): reads as a [`BlobSource`], bounded
+//!   verified uploads, health probe, size/age sweep.
 #![warn(missing_docs)]
 
+pub mod chain;
 mod degraded;
 mod error;
 mod evict;
@@ -28,6 +32,7 @@ mod names;
 mod source;
 pub mod store;
 mod stream;
+pub mod tier;
 mod verify;
 
 use std::{
@@ -46,6 +51,7 @@ use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use chain::{ChainEvent, ChainLink, ChainObserver, ChainSource};
 pub use error::{CacheError, FillError, SourceError};
 pub use fill::Fill;
 pub use names::{Hex, TagKey};
@@ -53,6 +59,7 @@ pub use oci_spec::image::Digest;
 pub use source::{BlobSource, SourceBody};
 pub use store::{BlobStore, FsStore};
 pub use stream::CHUNK;
+pub use tier::{S3Config, S3Credentials, S3Outcome, S3Tier, TierStats};
 pub use verify::VerifyMode;
 
 use crate::{

@@ -23,4 +23,10 @@ pub trait BlobSource: Send + Sync + 'static {
     /// `Range: bytes=offset-`). A source whose upstream ignored the Range (answered 200) must return
     /// an error or skip `offset` bytes itself: the body must start at `offset`.
     fn open(&self, offset: u64) -> BoxFuture<'static, Result<SourceBody, SourceError>>;
+
+    /// Bounded metric label of where the bytes come from now (a chain answers with the
+    /// tier it reads from).
+    fn label(&self) -> &'static str {
+        "upstream"
+    }
 }

@@ -40,6 +40,8 @@ pub struct CacheLayer {
     manifest_fetches: Arc<Mutex<HashMap<String, ManifestFetch>>>,
     /// Owns prefetches and revalidations, which outlive the request that started them.
     tasks: tokio_util::task::TaskTracker,
+    /// The S3 tier and peers behind the local disk (`crate::cluster`).
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 type ManifestFetch = Shared<BoxFuture<'static, Result<(Bytes, String, Digest), ApiError>>>;
@@ -67,7 +69,20 @@ impl CacheLayer {
             revalidations: Arc::default(),
             manifest_fetches: Arc::default(),
             tasks,
+            cluster: None,
         }
+    }
+
+    /// Puts the cluster tier behind the local disk.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// The cluster tier, when configured.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The cache (for stats).
@@ -264,6 +279,8 @@ impl ApiError {
     }
 }
 
+pub use crate::cluster::Hop;
+
 /// `GET|HEAD /v2/<name>/blobs/<digest>` through the cache.
 pub async fn blob(
     state: &AppState,
@@ -273,6 +290,32 @@ pub async fn blob(
     digest: &Digest,
     req_headers: &HeaderMap,
     scope: &str,
+) -> Result<Response, ApiError> {
+    blob_for(
+        state,
+        layer,
+        method,
+        remote,
+        digest,
+        req_headers,
+        scope,
+        Hop::Client,
+    )
+    .await
+}
+
+/// [`blob`] for a client or, on the peer endpoint, for another replica (whose miss is
+/// never forwarded to a peer again).
+#[allow(clippy::too_many_arguments)]
+pub async fn blob_for(
+    state: &AppState,
+    layer: &CacheLayer,
+    method: &Method,
+    remote: &str,
+    digest: &Digest,
+    req_headers: &HeaderMap,
+    scope: &str,
+    hop: Hop,
 ) -> Result<Response, ApiError> {
     let (upstream, metrics) = (&state.upstream, &state.metrics);
     let head = *method == Method::HEAD;
@@ -325,13 +368,25 @@ pub async fn blob(
         metrics.cache("blob", "miss");
         return upstream_blob(upstream, metrics, method, &path, req_headers, scope).await;
     }
-    let source = Arc::new(UpstreamBlob {
+    let upstream_source: Arc<dyn BlobSource> = Arc::new(UpstreamBlob {
         upstream: upstream.clone(),
         path,
         scope: scope.to_owned(),
         metrics: metrics.clone(),
     });
+    let (source, chain) = match &layer.cluster {
+        Some(c) => {
+            let chain = c.chain(digest, remote, upstream_source, hop);
+            (Arc::new(chain.clone()) as Arc<dyn BlobSource>, Some(chain))
+        }
+        None => (upstream_source, None),
+    };
     let fill = layer.cache.fill(digest, source.clone());
+    if fill.is_leader()
+        && let (Some(c), Some(chain)) = (&layer.cluster, chain)
+    {
+        c.after_fill(&layer.cache, fill.clone(), chain);
+    }
     let result = if fill.is_leader() {
         "miss"
     } else {
@@ -359,13 +414,14 @@ pub async fn blob(
         }
         Err(e) => return Err(fill_error(&e)),
     };
+    let label = fill.source_label();
     blob_response(
         digest,
         len,
         req_headers,
         false,
         metrics,
-        "upstream",
+        label,
         move |s, e| fill.reader(s, e),
     )
 }
@@ -476,12 +532,17 @@ async fn fetch_manifest(
         let (blobs, children) = manifest_references(&bytes);
         let mut refs = blobs.clone();
         refs.extend(children);
-        if let Err(e) = layer
+        match layer
             .cache
             .put_manifest(&digest, &media_type, bytes.clone(), refs)
             .await
         {
-            tracing::warn!(error = %e, %digest, "could not cache manifest");
+            Ok(()) => {
+                if let Some(c) = &layer.cluster {
+                    c.upload_manifest(&digest, bytes.clone(), &media_type);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, %digest, "could not cache manifest"),
         }
         if layer.prefetch {
             prefetch(layer, upstream, metrics, remote, scope, blobs);
@@ -604,6 +665,28 @@ pub async fn manifest_by_digest(
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, %digest, "manifest cache lookup failed"),
+        }
+        if let Some(c) = &layer.cluster
+            && let Some((bytes, media_type)) = c.manifest(digest).await
+        {
+            let (blobs, children) = manifest_references(&bytes);
+            let refs = blobs.into_iter().chain(children).collect();
+            if let Err(e) = layer
+                .cache
+                .put_manifest(digest, &media_type, bytes.clone(), refs)
+                .await
+            {
+                tracing::debug!(error = %e, %digest, "could not keep a manifest from S3");
+            }
+            metrics.cache("manifest", "miss");
+            return Ok(manifest_response(
+                bytes,
+                &media_type,
+                digest,
+                head,
+                metrics,
+                "s3",
+            ));
         }
     }
     metrics.cache("manifest", "miss");

@@ -253,6 +253,8 @@ pub struct Reloadables {
     pub cert: Option<Arc<crate::tls::ReloadableCert>>,
     /// Metrics (reload results, certificate expiry).
     pub metrics: Arc<Metrics>,
+    /// The S3 tier's key pair.
+    pub s3: Option<Arc<registry_cache::S3Credentials>>,
 }
 
 /// Watches every secret and certificate file named in the configuration and installs
@@ -371,6 +373,38 @@ pub fn spawn_reloader(
                         reason,
                     });
                 counted(&metrics, "tls", &res);
+                res
+            });
+        }
+    }
+    if let (Some(s3), Some(ak), Some(sk)) = (
+        &r.s3,
+        &config.args.s3_access_key_file,
+        &config.args.s3_secret_key_file,
+    ) {
+        // Either file changing reloads the pair, as with the serving certificate.
+        for (path, what) in [(ak, "S3 access key"), (sk, "S3 secret key")] {
+            let (s3, metrics) = (s3.clone(), r.metrics.clone());
+            let (ak, sk) = (ak.clone(), sk.clone());
+            w.watch_loaded(path, what, &loaded(path), move |_| {
+                let read = |p: &std::path::Path| {
+                    std::fs::read_to_string(p)
+                        .ok()
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
+                };
+                let res = match (read(&ak), read(&sk)) {
+                    (Some(a), Some(s)) => {
+                        s3.set(&a, &s);
+                        Ok(())
+                    }
+                    _ => Err(AuthError::Load {
+                        what: "S3 key pair",
+                        path: String::new(),
+                        reason: "empty or unreadable key file".to_owned(),
+                    }),
+                };
+                counted(&metrics, "s3_keys", &res);
                 res
             });
         }

@@ -229,6 +229,56 @@ pub struct Args {
     /// syntactically plain `host[:port]`.
     #[arg(long, env = "REGISTRY_PROXY_REALM_HOSTS", value_delimiter = ',')]
     pub realm_hosts: Vec<String>,
+    /// S3 API endpoint of the shared cluster tier, e.g. `http://garage.d8-sds-object:3900`
+    /// (needs --cache-dir, --s3-bucket and both key files).
+    #[arg(long, env = "REGISTRY_PROXY_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Bucket of the S3 tier.
+    #[arg(long, env = "REGISTRY_PROXY_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Key prefix inside the bucket.
+    #[arg(
+        long,
+        env = "REGISTRY_PROXY_S3_PREFIX",
+        default_value = "registry-proxy"
+    )]
+    pub s3_prefix: String,
+    /// Signing region of the S3 tier (Garage's default is `garage`).
+    #[arg(long, env = "REGISTRY_PROXY_S3_REGION", default_value = "garage")]
+    pub s3_region: String,
+    /// File holding the S3 access key id (reloaded when it changes).
+    #[arg(long, env = "REGISTRY_PROXY_S3_ACCESS_KEY_FILE")]
+    pub s3_access_key_file: Option<PathBuf>,
+    /// File holding the S3 secret key (reloaded when it changes).
+    #[arg(long, env = "REGISTRY_PROXY_S3_SECRET_KEY_FILE")]
+    pub s3_secret_key_file: Option<PathBuf>,
+    /// Size cap of the S3 tier, e.g. 200GiB (unbounded when not set).
+    #[arg(long, env = "REGISTRY_PROXY_S3_MAX_SIZE", value_parser = parse_size)]
+    pub s3_max_size: Option<u64>,
+    /// Objects stored longer than this are evicted from the S3 tier (0 = kept).
+    #[arg(long, env = "REGISTRY_PROXY_S3_MAX_AGE", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub s3_max_age: Duration,
+    /// Bound on an S3 read's response headers; a slower tier is skipped for that fill.
+    #[arg(long, env = "REGISTRY_PROXY_S3_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub s3_timeout: Duration,
+    /// Other replicas' API base URLs (comma-separated; this replica's own --advertise
+    /// entry may be included).
+    #[arg(long, env = "REGISTRY_PROXY_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// DNS name whose A/AAAA records are the replicas (a headless Service), refreshed
+    /// every --peers-refresh; the port and scheme come from --advertise.
+    #[arg(long, env = "REGISTRY_PROXY_PEERS_DNS")]
+    pub peers_dns: Option<String>,
+    /// How often --peers-dns is resolved again.
+    #[arg(long, env = "REGISTRY_PROXY_PEERS_REFRESH", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub peers_refresh: Duration,
+    /// This replica's own base URL as the others reach it, e.g. `http://10.0.0.5:5001`.
+    #[arg(long, env = "REGISTRY_PROXY_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Bound on the owner replica's response headers; past it this replica fetches
+    /// from the upstream itself.
+    #[arg(long, env = "REGISTRY_PROXY_PEER_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub peer_timeout: Duration,
     /// Log format.
     #[arg(
         long,
@@ -363,6 +413,8 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// Normalised `--realm-hosts`.
     pub realm_hosts: Vec<String>,
+    /// The S3 tier and peer settings, validated.
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// `host[:port]` in the one spelling the realm check compares: lower case, no userinfo, no
@@ -455,6 +507,7 @@ impl Config {
             });
         }
         validate_limits(&args)?;
+        let cluster = crate::cluster::validate(&args)?;
         if let Some(r) = &args.probe_reference
             && !crate::path::valid_tag(r)
             && crate::path::parse_digest(r).is_err()
@@ -483,6 +536,7 @@ impl Config {
             upstream_ca,
             warnings,
             realm_hosts,
+            cluster,
             args,
         })
     }

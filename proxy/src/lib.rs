@@ -28,6 +28,7 @@
 
 pub mod cached;
 pub mod client_auth;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod inputs;
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod observe;
 pub mod ops;
 pub mod path;
+pub mod peer;
 pub mod probe;
 pub mod range;
 pub mod routes;
@@ -82,6 +84,18 @@ pub async fn run(
         background.clone(),
     ));
     let edge = client_auth::build(&config, metrics.clone())?;
+    // The tier needs the edge's key (peer tokens), so it joins the cache layer here.
+    let cluster = match &cache {
+        Some(_) => cluster::Cluster::start(
+            &config,
+            &metrics,
+            edge.auth.clone(),
+            &tasks,
+            background.clone(),
+        )?,
+        None => None,
+    };
+    let cache = cache.map(|layer| layer.with_cluster(cluster.clone()));
     let (tls, cert) = match (&config.args.tls_cert, &config.args.tls_key) {
         (Some(cert), Some(key)) => {
             let ck = tls::load_certified_key(cert, key).map_err(Error::Tls)?;
@@ -104,6 +118,7 @@ pub async fn run(
             upstream: upstream.clone(),
             cert,
             metrics: metrics.clone(),
+            s3: cluster.as_ref().and_then(|c| c.s3_credentials().cloned()),
         },
         config.args.reload_interval,
         &tasks,

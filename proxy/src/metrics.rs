@@ -78,7 +78,12 @@ pub struct Metrics {
     /// Successful manifest/blob GETs by client kind, kind and where the bytes came from.
     pub pulls: IntCounterVec,
     stats_source: std::sync::Arc<std::sync::Mutex<Option<StatsSource>>>,
+    /// Run before each scrape (gauges of the cluster tier).
+    scrape_hooks: std::sync::Arc<std::sync::Mutex<Vec<ScrapeHook>>>,
 }
+
+/// Refreshes gauges from their owner's state at scrape time.
+pub type ScrapeHook = Box<dyn Fn() + Send + Sync>;
 
 /// Reads the cache counters at scrape time.
 pub type StatsSource = Box<dyn Fn() -> registry_cache::CacheStats + Send + Sync>;
@@ -265,6 +270,7 @@ impl Metrics {
             config_reloads: ok_or_unregistered(config_reloads),
             client_auth: ok_or_unregistered(client_auth),
             stats_source: std::sync::Arc::default(),
+            scrape_hooks: std::sync::Arc::default(),
             requests: ok_or_unregistered(requests),
             request_duration: ok_or_unregistered(request_duration),
             in_flight: ok_or_unregistered(in_flight),
@@ -400,6 +406,20 @@ impl Metrics {
     }
 
     /// Registers the function read at every scrape for cache gauges and counters.
+    /// Registers a family defined elsewhere (the cluster tier's).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::error!(error = %e, "metric registration failed");
+        }
+    }
+
+    /// Runs `hook` before every scrape.
+    pub fn add_scrape_hook(&self, hook: ScrapeHook) {
+        if let Ok(mut g) = self.scrape_hooks.lock() {
+            g.push(hook);
+        }
+    }
+
     pub fn set_stats_source(&self, source: StatsSource) {
         if let Ok(mut g) = self.stats_source.lock() {
             *g = Some(source);
@@ -453,6 +473,11 @@ impl Metrics {
     /// Text exposition of every family.
     pub fn encode(&self) -> String {
         self.refresh_cache_stats();
+        if let Ok(hooks) = self.scrape_hooks.lock() {
+            for h in hooks.iter() {
+                h();
+            }
+        }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");
@@ -514,6 +539,11 @@ pub fn method_label(m: &Method) -> &'static str {
 
 /// Metric constructors only fail on invalid names or label sets, which are constants
 /// here; a unit test constructs them all, so this never falls back in practice.
+/// A metric built from constant names and help texts (see `ok_or_unregistered`).
+pub fn defined<T>(r: prometheus::Result<T>) -> T {
+    ok_or_unregistered(r)
+}
+
 fn ok_or_unregistered<T>(r: prometheus::Result<T>) -> T {
     match r {
         Ok(v) => v,

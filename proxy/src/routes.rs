@@ -63,6 +63,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v2", any(dispatch))
         .route("/v2/", any(dispatch))
         .route("/v2/{*rest}", any(dispatch))
+        .route(
+            &format!("{}{{digest}}", crate::peer::PATH_PREFIX),
+            any(crate::peer::serve),
+        )
         .fallback(|| async { ApiError::not_found_route() })
         .with_state(state)
         .merge(tokens)

@@ -20,6 +20,7 @@ mod rfc;
 mod routes;
 mod shutdown;
 mod streaming;
+mod tier;
 mod upstream_auth;
 mod validation;
 mod writes;

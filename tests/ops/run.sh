@@ -62,7 +62,7 @@ cp "$HERE/rules.test.yaml" "$OPS/rules.test.yaml"
 check "promtool test rules" promtool test rules "$OPS/rules.test.yaml"
 
 mapfile -t ALERTS < <(sed -n 's/^ *- alert: *\([A-Za-z0-9_]*\) *$/\1/p' "$RULES")
-expect_eq "rules: the six required alerts exist (incl. cache degraded)" 6 "${#ALERTS[@]}"
+expect_eq "rules: the seven required alerts exist (incl. cache and tier degraded)" 7 "${#ALERTS[@]}"
 # For each alertname in the unit tests: does an exp_alerts: [] (not firing) or a non-empty
 # exp_alerts (firing) follow it?
 COVER=$(awk '/alertname:/ { a = $2; next }

@@ -12,6 +12,7 @@
 //!   logs/counters readable from tests.
 //! - [`proxy`]: [`proxy::start_proxy`] runs `registry_proxy::run` in-process on loopback ports.
 //! - [`client`]: the reqwest client tests use and helpers to read OCI error bodies.
+//! - [`garage`]: a three-node Garage (S3) cluster on loopback for the cluster-tier tests.
 //!
 //! The lab token server binary under `src/bin/` is separate and does not use this library.
 //!
@@ -44,6 +45,7 @@
 pub mod client;
 pub mod content;
 pub mod fake_upstream;
+pub mod garage;
 pub mod proxy;
 
 pub use client::{OciError, oci_errors, test_client};

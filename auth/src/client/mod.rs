@@ -28,6 +28,7 @@ pub mod clock;
 pub mod credentials;
 pub mod header;
 pub mod htpasswd;
+pub mod peer;
 pub mod scope;
 pub mod token;
 

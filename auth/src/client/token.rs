@@ -50,6 +50,9 @@ struct Inner {
     /// Keys the credential fingerprints: replicas sharing the key file agree on them,
     /// outsiders cannot test password guesses against a token's claim.
     fingerprint_key: hmac::Key,
+    /// Keys replica-to-replica tokens (`super::peer`): a separate derivation, so a peer
+    /// MAC can never be replayed as a credential fingerprint or the other way round.
+    peer_key: hmac::Key,
 }
 
 /// The private key tokens are signed with (and verified against). Cheap to clone.
@@ -139,12 +142,17 @@ impl SigningKey {
         ctx.update(b"registry-proxy credential fingerprint v1\0");
         ctx.update(&private_der);
         let fingerprint_key = hmac::Key::new(hmac::HMAC_SHA256, ctx.finish().as_ref());
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(b"registry-proxy peer token v1\0");
+        ctx.update(&private_der);
+        let peer_key = hmac::Key::new(hmac::HMAC_SHA256, ctx.finish().as_ref());
         Ok(Self(Arc::new(Inner {
             alg,
             signer,
             verifier,
             kid,
             fingerprint_key,
+            peer_key,
         })))
     }
 
@@ -176,6 +184,11 @@ impl SigningKey {
             ctx.update(part);
         }
         URL_SAFE_NO_PAD.encode(&ctx.sign().as_ref()[..16])
+    }
+
+    /// The replica-to-replica key (see `super::peer`).
+    pub(crate) fn peer_key(&self) -> &hmac::Key {
+        &self.0.peer_key
     }
 
     pub(crate) fn sign(&self, claims: &Claims) -> Result<String, Error> {
