@@ -44,17 +44,38 @@ struct SettingsArgs {
     /// Publish stock-containerd node files (secret registry-stock-containerd-hosts).
     #[arg(long, env = "REGISTRY_CONTROLLER_STOCK_CONTAINERD")]
     stock_containerd: bool,
+    /// JSON file (a mounted Secret) with the proxy's shared S3 tier: `endpoint`, `bucket`,
+    /// `accessKey`, `secretKey`, optional `prefix`, `region`, `maxSize`.
+    #[arg(long, env = "REGISTRY_CONTROLLER_CLUSTER_TIER_FILE")]
+    cluster_tier_file: Option<PathBuf>,
 }
 
-impl From<SettingsArgs> for Settings {
-    fn from(a: SettingsArgs) -> Self {
-        Settings {
+impl TryFrom<SettingsArgs> for Settings {
+    type Error = anyhow::Error;
+
+    fn try_from(a: SettingsArgs) -> anyhow::Result<Self> {
+        let cluster_tier = match &a.cluster_tier_file {
+            Some(p) => {
+                let bytes = std::fs::read(p).with_context(|| {
+                    format!("--cluster-tier-file {} cannot be read", p.display())
+                })?;
+                Some(serde_json::from_slice(&bytes).with_context(|| {
+                    format!(
+                        "--cluster-tier-file {} is not a cluster tier object",
+                        p.display()
+                    )
+                })?)
+            }
+            None => None,
+        };
+        Ok(Settings {
             proxy_image: a.proxy_image,
             probe_url: a.probe_url,
             probe_reference: a.probe_reference,
             stock_containerd: a.stock_containerd,
             probe_resolver: None,
-        }
+            cluster_tier,
+        })
     }
 }
 
@@ -219,7 +240,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let mc = read_module_config(&module_config)?;
             let stock = settings.stock_containerd;
             let image = settings.proxy_image.clone();
-            let mut objs = render_all(&mc, &settings.into(), masters)?;
+            let mut objs = render_all(&mc, &Settings::try_from(settings)?, masters)?;
             if stock {
                 // The node-config DaemonSet runs the controller's image; its tag follows the
                 // proxy image's here, override it like any other image in the kustomization.
@@ -284,7 +305,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let client = kube::Client::try_default().await?;
             let elector = LeaderElector::new(client.clone(), identity);
-            let reconciler = Reconciler::new(client, settings.into());
+            let reconciler = Reconciler::new(client, Settings::try_from(settings)?);
             let shutdown = shutdown_signal()?;
             tokio::pin!(shutdown);
             let mut last_reconcile: Option<tokio::time::Instant> = None;

@@ -39,6 +39,8 @@ pub struct Settings {
     pub stock_containerd: bool,
     /// Name resolution for the probe; `None` is the system resolver (cluster DNS).
     pub probe_resolver: Option<ProbeResolver>,
+    /// The proxy's shared S3 tier (`--cluster-tier-file`).
+    pub cluster_tier: Option<render::ClusterTier>,
 }
 
 /// A resolver for the probe's Service name (tests stand in for cluster DNS with it).
@@ -59,6 +61,7 @@ impl Default for Settings {
             probe_reference: None,
             stock_containerd: false,
             probe_resolver: None,
+            cluster_tier: None,
         }
     }
 }
@@ -366,6 +369,7 @@ impl Reconciler {
                 node_address: cluster_ip.as_deref().and_then(|ip| {
                     render::ProxyEndpoint::for_cluster_ip(ip, "").map(|e| e.address)
                 }),
+                cluster_tier: self.settings.cluster_tier.clone(),
             };
             proxy = Some(render::proxy_objects(&inputs)?);
         }
@@ -461,6 +465,9 @@ impl Reconciler {
             apply(&secrets, &px.config).await?;
             apply(&deployments, &px.deployment).await?;
             apply(&pdbs, &px.pdb).await?;
+            if let Some(svc) = &px.peer_service {
+                apply(&services, svc).await?;
+            }
         }
         match plan.service {
             ServiceAction::Apply => {
@@ -600,11 +607,15 @@ pub fn render_all(
                 },
                 probe_reference: settings.probe_reference.clone(),
                 node_address: None,
+                cluster_tier: settings.cluster_tier.clone(),
             })?;
             out.push(to_v("config", &px.config)?);
             out.push(to_v("deployment", &px.deployment)?);
             out.push(to_v("pdb", &px.pdb)?);
             out.push(to_v("service", &px.service)?);
+            if let Some(svc) = &px.peer_service {
+                out.push(to_v("peer-service", svc)?);
+            }
             out.push(to_v(
                 "deckhouse-registry",
                 &RegistryAccess::for_direct(p, &ca.cert_pem).to_secret()?,

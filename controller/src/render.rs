@@ -640,6 +640,44 @@ pub struct ProxyPki {
     pub token_key: String,
 }
 
+/// The shared cluster tier of the proxy (S3 bucket, e.g. Deckhouse's `sds-object`), read
+/// by the controller from `--cluster-tier-file` (a mounted Secret). With it the proxy gets
+/// the `--s3-*` flags, and in HA also its peers: the headless Service [`PEER_SERVICE`],
+/// `--peers-dns`, `--advertise https://$(POD_IP):5001` and `--peer-ca`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterTier {
+    /// `http(s)://host[:port]` of the S3 API.
+    pub endpoint: String,
+    /// Bucket.
+    pub bucket: String,
+    /// Key prefix (proxy default when absent).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Signing region (proxy default `garage` when absent).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Size cap of the tier, e.g. `100GiB`.
+    #[serde(default)]
+    pub max_size: Option<String>,
+    /// S3 access key id.
+    pub access_key: String,
+    /// S3 secret key.
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for ClusterTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterTier")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Headless Service whose records are the proxy pods (`--peers-dns`).
+pub const PEER_SERVICE: &str = "registry-incluster-proxy-peers";
+
 /// Everything the proxy workload is rendered from.
 #[derive(Clone, Debug)]
 pub struct ProxyInputs {
@@ -655,6 +693,8 @@ pub struct ProxyInputs {
     pub probe_reference: Option<String>,
     /// `ip:port` nodes dial (the Service's ClusterIP), once known.
     pub node_address: Option<String>,
+    /// The shared S3 tier, when configured.
+    pub cluster_tier: Option<ClusterTier>,
 }
 
 /// The rendered proxy objects.
@@ -668,6 +708,8 @@ pub struct ProxyObjects {
     pub pdb: PodDisruptionBudget,
     /// `registry`.
     pub service: Service,
+    /// [`PEER_SERVICE`], in HA with a cluster tier.
+    pub peer_service: Option<Service>,
     /// `registry.deckhouse.io/version` of this config.
     pub version: String,
     /// `registry.deckhouse.io/config-checksum` of the config secret.
@@ -744,6 +786,54 @@ pub fn proxy_env(
         .collect()
 }
 
+/// Environment of the cluster tier (`REGISTRY_PROXY_<FLAG>`, keys as file paths). `POD_IP`
+/// is set from the downward API before these, so `$(POD_IP)` expands.
+pub fn cluster_tier_env(t: &ClusterTier, ha: bool) -> Vec<(String, String)> {
+    let mut env: Vec<(&str, String)> = vec![
+        ("S3_ENDPOINT", t.endpoint.clone()),
+        ("S3_BUCKET", t.bucket.clone()),
+        ("S3_ACCESS_KEY_FILE", "/config/s3-access-key".to_string()),
+        ("S3_SECRET_KEY_FILE", "/config/s3-secret-key".to_string()),
+    ];
+    if let Some(p) = &t.prefix {
+        env.push(("S3_PREFIX", p.clone()));
+    }
+    if let Some(r) = &t.region {
+        env.push(("S3_REGION", r.clone()));
+    }
+    if let Some(m) = &t.max_size {
+        env.push(("S3_MAX_SIZE", m.clone()));
+    }
+    if ha {
+        env.push((
+            "PEERS_DNS",
+            format!("{PEER_SERVICE}.{NAMESPACE}.svc.cluster.local"),
+        ));
+        env.push(("ADVERTISE", format!("https://$(POD_IP):{REGISTRY_PORT}")));
+        env.push(("PEER_CA", "/config/ca.crt".to_string()));
+    }
+    env.into_iter()
+        .map(|(k, v)| (format!("REGISTRY_PROXY_{k}"), v))
+        .collect()
+}
+
+/// [`PEER_SERVICE`]: headless, only ready pods, selecting the proxy pods.
+pub fn peer_service() -> Result<Service> {
+    let selector: BTreeMap<&str, &str> = PROXY_LABELS.iter().copied().collect();
+    from_json(
+        "peer service",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": PEER_SERVICE, "namespace": NAMESPACE, "labels": owner_labels()},
+            "spec": {
+                "clusterIP": "None",
+                "selector": selector,
+                "ports": [{"name": "registry", "port": REGISTRY_PORT, "protocol": "TCP", "targetPort": "registry"}]
+            }
+        }),
+    )
+}
+
 /// Data keys of the config secret (file name → content).
 pub fn proxy_config_files(i: &ProxyInputs) -> BTreeMap<String, String> {
     let mut files = BTreeMap::from([
@@ -764,17 +854,25 @@ pub fn proxy_config_files(i: &ProxyInputs) -> BTreeMap<String, String> {
         }
         None => {}
     }
+    if let Some(t) = &i.cluster_tier {
+        files.insert("s3-access-key".into(), t.access_key.clone());
+        files.insert("s3-secret-key".into(), t.secret_key.clone());
+    }
     files
 }
 
 /// Renders the proxy's Secret, Deployment, PDB and Service.
 pub fn proxy_objects(i: &ProxyInputs) -> Result<ProxyObjects> {
     let files = proxy_config_files(i);
-    let env = proxy_env(
+    let ha = i.masters > 1;
+    let mut env = proxy_env(
         &i.params,
         i.probe_reference.as_deref(),
         i.node_address.as_deref(),
     );
+    if let Some(t) = &i.cluster_tier {
+        env.extend(cluster_tier_env(t, ha));
+    }
     // The proxy reloads every file of the config secret (license, password, TLS leaf,
     // token key, upstream CA) in place, so a credential rotation or a leaf renewal must
     // not restart it: the pod-template checksum covers only what needs a restart (the
@@ -809,12 +907,15 @@ pub fn proxy_objects(i: &ProxyInputs) -> Result<ProxyObjects> {
             .collect(),
     );
 
-    let ha = i.masters > 1;
     let replicas = if ha { i.masters } else { 1 };
     let max_unavailable = if i.masters > 2 { 2 } else { 1 };
-    let env_json: Vec<serde_json::Value> = env
-        .iter()
-        .map(|(k, v)| json!({"name": k, "value": v}))
+    // POD_IP first: `$(POD_IP)` in --advertise only expands from variables defined before it.
+    let pod_ip = (ha && i.cluster_tier.is_some()).then(
+        || json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+    );
+    let env_json: Vec<serde_json::Value> = pod_ip
+        .into_iter()
+        .chain(env.iter().map(|(k, v)| json!({"name": k, "value": v})))
         .collect();
     let affinity = if ha {
         json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
@@ -898,6 +999,11 @@ pub fn proxy_objects(i: &ProxyInputs) -> Result<ProxyObjects> {
         deployment,
         pdb,
         service: service()?,
+        peer_service: if ha && i.cluster_tier.is_some() {
+            Some(peer_service()?)
+        } else {
+            None
+        },
         version,
         checksum,
     })

@@ -65,6 +65,8 @@ pub struct PeerSettings {
     pub peers: Vec<String>,
     /// Headless Service name.
     pub dns: Option<String>,
+    /// The replicas' CA (PEM), when peers speak HTTPS with the controller's CA.
+    pub ca: Option<Vec<u8>>,
 }
 
 /// What `--s3-*`, `--peers*` and `--advertise` configure.
@@ -228,17 +230,37 @@ pub fn validate(args: &Args) -> Result<ClusterConfig, ConfigError> {
                 "must be more than 0s / at least 1s",
             ));
         }
+        let ca = match &args.peer_ca {
+            Some(path) => {
+                let pem = crate::inputs::read("--peer-ca", path)?;
+                if crate::tls::parse_ca_bundle(&pem).is_err() {
+                    return Err(ConfigError::File {
+                        flag: "--peer-ca",
+                        path: path.display().to_string(),
+                        problem: "is not a PEM certificate bundle".to_owned(),
+                    });
+                }
+                Some(pem)
+            }
+            None => None,
+        };
         Some(PeerSettings {
             advertise,
             peers,
             dns: args.peers_dns.clone(),
+            ca,
         })
     } else {
-        if args.advertise.is_some() {
-            return Err(ConfigError::NoEffect {
-                flag: "--advertise",
-                why: "without --peers or --peers-dns",
-            });
+        for (flag, given) in [
+            ("--advertise", args.advertise.is_some()),
+            ("--peer-ca", args.peer_ca.is_some()),
+        ] {
+            if given {
+                return Err(ConfigError::NoEffect {
+                    flag,
+                    why: "without --peers or --peers-dns",
+                });
+            }
         }
         None
     };
@@ -428,7 +450,10 @@ impl Cluster {
             peers
         });
         let peer_client = match &peers {
-            Some(_) => Some(crate::peer::client(config.args.peer_timeout)?),
+            Some(_) => Some(crate::peer::client(
+                config.args.peer_timeout,
+                cc.peers.as_ref().and_then(|p| p.ca.as_deref()),
+            )?),
             None => None,
         };
         let (s3, s3_credentials) = match &cc.s3 {

@@ -275,6 +275,11 @@ pub struct Args {
     /// This replica's own base URL as the others reach it, e.g. `http://10.0.0.5:5001`.
     #[arg(long, env = "REGISTRY_PROXY_ADVERTISE")]
     pub advertise: Option<String>,
+    /// PEM CA that signs the replicas' serving certificates. Peers are dialled by pod IP,
+    /// so with it the peer client trusts only this CA and accepts any name it signed;
+    /// without it, system roots and normal name checks.
+    #[arg(long, env = "REGISTRY_PROXY_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
     /// Bound on the owner replica's response headers; past it this replica fetches
     /// from the upstream itself.
     #[arg(long, env = "REGISTRY_PROXY_PEER_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]

@@ -271,10 +271,23 @@ impl BlobSource for PeerSource {
     }
 }
 
-/// The client replicas use for each other: no redirects, bounded connect and reads.
-pub fn client(connect_timeout: Duration) -> Result<reqwest::Client, crate::Error> {
-    reqwest::Client::builder()
-        .user_agent(concat!("registry-proxy-peer/", env!("CARGO_PKG_VERSION")))
+/// The client replicas use for each other: no redirects, bounded connect and reads. With
+/// `ca`, only that CA is trusted and any name it signed is accepted: peers are dialled by
+/// pod IP, which no serving certificate names, and only replicas hold a leaf of the
+/// deployment's private CA.
+pub fn client(
+    connect_timeout: Duration,
+    ca: Option<&[u8]>,
+) -> Result<reqwest::Client, crate::Error> {
+    let mut b = reqwest::Client::builder();
+    if let Some(pem) = ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| crate::Error::Client(format!("peer CA: {e}")))?;
+        b = b
+            .tls_certs_only(certs)
+            .tls_danger_accept_invalid_hostnames(true);
+    }
+    b.user_agent(concat!("registry-proxy-peer/", env!("CARGO_PKG_VERSION")))
         .no_gzip()
         .no_brotli()
         .no_zstd()

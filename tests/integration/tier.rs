@@ -491,7 +491,13 @@ async fn cluster_tier_on_garage() {
 
     // (c) one Garage node down: the tier still reads and writes (quorum 2 of 3).
     garage.stop_node(2);
-    let c1 = Blob::random(6 << 20);
+    // Its owner must upload through a live node: not replica 3, whose node is down.
+    let c1 = loop {
+        let b = Blob::random(6 << 20);
+        if registry_proxy::peer::rendezvous(&urls, &b.digest) != Some(urls[2].as_str()) {
+            break b;
+        }
+    };
     up.push_blob(&c1);
     pull_all(vec![rs[0].url(&client_blob(&c1))], &c1).await;
     wait_for(

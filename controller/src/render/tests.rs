@@ -28,6 +28,7 @@ fn inputs(masters: usize) -> ProxyInputs {
         },
         probe_reference: Some("system/deckhouse:v1".into()),
         node_address: Some("10.96.0.50:5001".into()),
+        cluster_tier: None,
     }
 }
 
@@ -366,4 +367,65 @@ fn proxy_objects_single_master_and_change_detection() {
     let env = proxy_env(&anon.params, None, None);
     assert!(env.contains(&("REGISTRY_PROXY_CLIENT_AUTH".into(), "none".into())));
     assert!(!proxy_config_files(&anon).contains_key("license"));
+}
+
+#[test]
+fn cluster_tier_renders_s3_flags_peers_and_the_headless_service() {
+    let tier = ClusterTier {
+        endpoint: "http://garage.d8-sds-object.svc:3900".into(),
+        bucket: "registry-cache".into(),
+        prefix: None,
+        region: Some("garage".into()),
+        max_size: Some("100GiB".into()),
+        access_key: "GKabc".into(),
+        secret_key: "s3cr3t".into(),
+    };
+    let env_of = |px: &ProxyObjects| -> Vec<serde_json::Value> {
+        serde_json::to_value(&px.deployment).unwrap()["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let value = |env: &[serde_json::Value], k: &str| {
+        env.iter()
+            .find(|e| e["name"] == k)
+            .and_then(|e| e["value"].as_str().map(str::to_owned))
+    };
+    let mut i = inputs(3);
+    i.cluster_tier = Some(tier.clone());
+    let px = proxy_objects(&i).unwrap();
+    let env = env_of(&px);
+    assert_eq!(env[0]["name"], "POD_IP", "POD_IP precedes $(POD_IP)");
+    assert_eq!(
+        value(&env, "REGISTRY_PROXY_S3_ENDPOINT").as_deref(),
+        Some("http://garage.d8-sds-object.svc:3900")
+    );
+    assert_eq!(
+        value(&env, "REGISTRY_PROXY_S3_ACCESS_KEY_FILE").as_deref(),
+        Some("/config/s3-access-key")
+    );
+    assert_eq!(
+        value(&env, "REGISTRY_PROXY_ADVERTISE").as_deref(),
+        Some("https://$(POD_IP):5001")
+    );
+    assert_eq!(
+        value(&env, "REGISTRY_PROXY_PEERS_DNS").as_deref(),
+        Some("registry-incluster-proxy-peers.d8-system.svc.cluster.local")
+    );
+    // Keys only in the Secret, never in the environment.
+    assert!(!serde_json::to_string(&env).unwrap().contains("s3cr3t"));
+    let data = px.config.data.as_ref().unwrap();
+    assert_eq!(data["s3-secret-key"].0, b"s3cr3t");
+    let svc = serde_json::to_value(px.peer_service.as_ref().expect("peer service in HA")).unwrap();
+    assert_eq!(svc["spec"]["clusterIP"], "None");
+    assert_eq!(svc["metadata"]["name"], PEER_SERVICE);
+    // One master: S3 only, no peers.
+    let mut one = inputs(1);
+    one.cluster_tier = Some(tier);
+    let px1 = proxy_objects(&one).unwrap();
+    assert!(px1.peer_service.is_none());
+    assert_eq!(value(&env_of(&px1), "REGISTRY_PROXY_PEERS_DNS"), None);
+    assert!(value(&env_of(&px1), "REGISTRY_PROXY_S3_BUCKET").is_some());
+    // Without a tier nothing changes.
+    assert!(proxy_objects(&inputs(3)).unwrap().peer_service.is_none());
 }
