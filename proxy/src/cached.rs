@@ -639,6 +639,21 @@ fn prefetch(
     }
 }
 
+/// A manifest from the S3 tier (verified there), kept on the local disk too.
+async fn s3_manifest(layer: &CacheLayer, digest: &Digest) -> Option<(Bytes, String)> {
+    let (bytes, media_type) = layer.cluster.as_ref()?.manifest(digest).await?;
+    let (blobs, children) = manifest_references(&bytes);
+    let refs = blobs.into_iter().chain(children).collect();
+    if let Err(e) = layer
+        .cache
+        .put_manifest(digest, &media_type, bytes.clone(), refs)
+        .await
+    {
+        tracing::debug!(error = %e, %digest, "could not keep a manifest from S3");
+    }
+    Some((bytes, media_type))
+}
+
 /// `GET|HEAD /v2/<name>/manifests/<digest>` through the cache.
 pub async fn manifest_by_digest(
     state: &AppState,
@@ -666,18 +681,7 @@ pub async fn manifest_by_digest(
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, %digest, "manifest cache lookup failed"),
         }
-        if let Some(c) = &layer.cluster
-            && let Some((bytes, media_type)) = c.manifest(digest).await
-        {
-            let (blobs, children) = manifest_references(&bytes);
-            let refs = blobs.into_iter().chain(children).collect();
-            if let Err(e) = layer
-                .cache
-                .put_manifest(digest, &media_type, bytes.clone(), refs)
-                .await
-            {
-                tracing::debug!(error = %e, %digest, "could not keep a manifest from S3");
-            }
+        if let Some((bytes, media_type)) = s3_manifest(layer, digest).await {
             metrics.cache("manifest", "miss");
             return Ok(manifest_response(
                 bytes,
@@ -794,6 +798,19 @@ pub async fn manifest_by_tag(
         ));
     }
     metrics.cache("manifest", "miss");
+    if let Some((bytes, media_type)) = s3_manifest(layer, &digest).await {
+        if let Err(e) = layer.cache.put_tag(remote, tag, &digest, &media_type).await {
+            tracing::warn!(error = %e, "could not record tag");
+        }
+        return Ok(manifest_response(
+            bytes,
+            &media_type,
+            &digest,
+            head,
+            metrics,
+            "s3",
+        ));
+    }
     let (bytes, media_type, d) = match fetch_manifest_by_digest(
         layer, upstream, metrics, remote, &digest, scope,
     )

@@ -30,6 +30,21 @@ fn up_blob(b: &Blob) -> String {
     format!("/v2/{UPSTREAM_REPO}/blobs/{}", b.digest)
 }
 
+/// Upstream GETs of `path` that carried a token: the ones that fetched content. A GET
+/// before the proxy holds a token is answered 401 and retried, and is not a fetch.
+fn fetches(up: &FakeUpstream, path: &str) -> usize {
+    up.request_log()
+        .iter()
+        .filter(|r| {
+            r.method == "GET"
+                && r.path == path
+                && r.authorization
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with("Bearer "))
+        })
+        .count()
+}
+
 fn client_blob(b: &Blob) -> String {
     format!("/v2/system/deckhouse/blobs/{}", b.digest)
 }
@@ -252,7 +267,7 @@ async fn two_replicas_fetch_a_blob_once_through_its_owner() {
         assert_eq!(digest, blob.digest);
     }
     assert_eq!(
-        up.requests("GET", &up_blob(&blob)),
+        fetches(&up, &up_blob(&blob)),
         1,
         "one upstream GET for both replicas"
     );
@@ -435,7 +450,7 @@ async fn cluster_tier_on_garage() {
         t.elapsed()
     );
     assert_eq!(
-        up.requests("GET", &up_blob(&big)),
+        fetches(&up, &up_blob(&big)),
         1,
         "(a) one upstream GET per cluster"
     );
@@ -456,7 +471,7 @@ async fn cluster_tier_on_garage() {
     let b = Blob::random(24 << 20);
     up.push_blob(&b);
     pull_all(vec![rs[0].url(&client_blob(&b))], &b).await;
-    assert_eq!(up.requests("GET", &up_blob(&b)), 1);
+    assert_eq!(fetches(&up, &up_blob(&b)), 1);
     wait_for("(b) upload", Duration::from_secs(60), async || {
         uploads_ok(&[&rs[0], &rs[1], &rs[2]]).await >= 2.0
     })
@@ -469,15 +484,11 @@ async fn cluster_tier_on_garage() {
     pull_all(vec![r4.url(&client_blob(&b))], &b).await;
     pull_all(vec![r4.url(&client_blob(&big))], &big).await;
     assert_eq!(
-        up.requests("GET", &up_blob(&b)),
+        fetches(&up, &up_blob(&b)),
         1,
         "(b) no upstream request after the first"
     );
-    assert_eq!(
-        up.requests("GET", &up_blob(&big)),
-        1,
-        "(b) the big blob neither"
-    );
+    assert_eq!(fetches(&up, &up_blob(&big)), 1, "(b) the big blob neither");
     assert!(
         metric(
             r4.metrics,
@@ -486,6 +497,36 @@ async fn cluster_tier_on_garage() {
         .await
             >= (b.data.len() + big.data.len()) as f64,
         "(b) replica 4 filled from S3"
+    );
+    // Manifests too: stored by digest in S3 by the replica that fetched it, read back
+    // (re-hashed) by a replica with an empty disk.
+    let img = registry_tests::Image::random(&[1024]);
+    up.push_image(UPSTREAM_REPO, Some("m1"), &img);
+    let m_url = |r: &Replica| {
+        r.url(&format!(
+            "/v2/system/deckhouse/manifests/{}",
+            img.manifest.digest
+        ))
+    };
+    let (status, digest, _) = pull(&m_url(&rs[0])).await.unwrap();
+    assert_eq!(
+        (status, digest.as_str()),
+        (200, img.manifest.digest.as_str())
+    );
+    wait_for("(b) manifest upload", Duration::from_secs(60), async || {
+        uploads_ok(&[&rs[0], &rs[1], &rs[2]]).await >= 3.0
+    })
+    .await;
+    let (status, digest, _) = pull(&m_url(&r4)).await.unwrap();
+    assert_eq!(
+        (status, digest.as_str()),
+        (200, img.manifest.digest.as_str())
+    );
+    let up_manifest = format!("/v2/{UPSTREAM_REPO}/manifests/{}", img.manifest.digest);
+    assert_eq!(
+        fetches(&up, &up_manifest),
+        1,
+        "(b) the manifest came from S3"
     );
     drop(r4);
 
@@ -503,17 +544,17 @@ async fn cluster_tier_on_garage() {
     wait_for(
         "(c) upload with a node down",
         Duration::from_secs(60),
-        async || uploads_ok(&[&rs[0], &rs[1], &rs[2]]).await >= 3.0,
+        async || uploads_ok(&[&rs[0], &rs[1], &rs[2]]).await >= 4.0,
     )
     .await;
-    let before = up.requests("GET", &up_blob(&c1));
+    let before = fetches(&up, &up_blob(&c1));
     // Replica 3's own node is down: it pulls from a peer or the upstream, never fails.
     pull_all(
         vec![rs[1].url(&client_blob(&c1)), rs[2].url(&client_blob(&c1))],
         &c1,
     )
     .await;
-    assert!(up.requests("GET", &up_blob(&c1)) <= before + 1);
+    assert!(fetches(&up, &up_blob(&c1)) <= before + 1);
 
     // All nodes down: local hits and new blobs still work; the tier reports degraded.
     garage.stop_node(0);
@@ -565,7 +606,7 @@ async fn cluster_tier_on_garage() {
     wait_for(
         "(d) the owner's fill to start",
         Duration::from_secs(20),
-        async || up.requests("GET", &up_blob(&d)) >= 1,
+        async || fetches(&up, &up_blob(&d)) >= 1,
     )
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -574,7 +615,7 @@ async fn cluster_tier_on_garage() {
         .await
         .expect("(d) pulls finish")
         .expect("(d) every client got the right bytes");
-    let gets = up.requests("GET", &up_blob(&d));
+    let gets = fetches(&up, &up_blob(&d));
     assert!(
         (2..=3).contains(&gets),
         "(d) the survivors resumed from the upstream: {gets} GETs"
