@@ -656,7 +656,7 @@ fn realm_hosts_are_validated() {
     ])
     .unwrap();
     assert_eq!(
-        ok.realm_hosts,
+        ok.client_auth.realm_hosts,
         ["registry.d8-system.svc:5001", "10.96.0.50:5001"]
     );
 }

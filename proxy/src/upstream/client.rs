@@ -1,0 +1,496 @@
+//! The upstream registry client: one reqwest client (rustls, no automatic
+//! decompression, redirects followed with `Authorization` dropped across hosts) plus the
+//! auth state from `registry-auth`.
+//!
+//! A request is sent with whatever authorization is cached for its scope; a `401` gets
+//! exactly one retry with fresh credentials. A second refusal is the proxy's problem, not
+//! the client's, and surfaces as a 5xx (see [`ApiError::upstream_denied`]).
+//!
+//! Callers name a repository (upstream-side) and what they want of it; the URL, the token
+//! scope, the manifest `Accept` list and the mapping of error statuses are written here
+//! once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt as _;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use oci_spec::image::Digest;
+use registry_auth::upstream::UpstreamAuth;
+
+use crate::config::UpstreamConfig;
+use crate::error::{ApiError, Error};
+use crate::ops::metrics::Metrics;
+
+/// Manifests larger than this are refused (distribution uses 4 MiB); they are buffered
+/// to verify their digest and never re-serialised.
+pub(crate) const MAX_MANIFEST_BYTES: usize = 8 << 20;
+/// Bound on a buffered tag list.
+pub(crate) const MAX_TAGS_BYTES: usize = 16 << 20;
+/// Largest blob length believed from an upstream (1 TiB): OCI layers are far smaller, and a
+/// client handed a `Content-Length` of 10^15 would wait for bytes that never come.
+const MAX_BLOB_BYTES: u64 = 1 << 40;
+/// Every OCI and Docker manifest type, for requests the proxy makes on its own.
+pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.v1+prettyjws;q=0.5";
+
+/// Bound on establishing a connection to the upstream.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on one read from an upstream connection: a stalled body fails instead of
+/// pinning a fill forever.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Request headers a client may send that the upstream needs to see.
+const FORWARDED_REQUEST_HEADERS: [header::HeaderName; 3] =
+    [header::ACCEPT, header::RANGE, header::IF_NONE_MATCH];
+
+/// Client of the one upstream registry.
+#[derive(Clone)]
+pub(crate) struct Upstream {
+    /// Swapped when the upstream CA file changes.
+    http: Arc<arc_swap::ArcSwap<reqwest::Client>>,
+    base: String,
+    auth: Arc<UpstreamAuth>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the reqwest client used for registry and realm requests, trusting `ca` (PEM)
+/// in addition to the system roots.
+pub(crate) fn build_client(ca: Option<&[u8]>) -> Result<reqwest::Client, Error> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("registry-proxy/", env!("CARGO_PKG_VERSION")))
+        .no_gzip()
+        .no_brotli()
+        .no_zstd()
+        .no_deflate()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .redirect(reqwest::redirect::Policy::limited(10));
+    if let Some(pem) = ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| Error::Client(format!("upstream CA: {e}")))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder.build().map_err(|e| Error::Client(e.to_string()))
+}
+
+impl Upstream {
+    /// Creates the client for `config`'s upstream.
+    pub(crate) fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, Error> {
+        let http = build_client(config.ca.as_ref().map(|ca| ca.pem.as_slice()))?;
+        let auth = Arc::new(UpstreamAuth::new(
+            http.clone(),
+            &config.host,
+            config.credentials.clone(),
+        ));
+        let m = metrics.clone();
+        auth.set_observer(Arc::new(move |ok, elapsed| m.token_fetch(ok, elapsed)));
+        Ok(Self {
+            http: Arc::new(arc_swap::ArcSwap::from_pointee(http)),
+            base: config.base(),
+            auth,
+            metrics,
+        })
+    }
+
+    /// The auth state (for credential reloads).
+    pub(crate) fn auth(&self) -> &Arc<UpstreamAuth> {
+        &self.auth
+    }
+
+    /// Installs a client built with a reloaded upstream CA; requests in flight keep theirs.
+    pub(crate) fn set_client(&self, http: reqwest::Client) {
+        self.auth.set_client(http.clone());
+        self.http.store(Arc::new(http));
+    }
+
+    /// `GET /v2/` with whatever credentials are configured, any status.
+    pub(crate) async fn ping(&self) -> Result<reqwest::Response, ApiError> {
+        self.send(Method::GET, "", &HeaderMap::new(), None).await
+    }
+
+    /// A blob, whole or the part the forwarded `Range` names; error statuses mapped.
+    pub(crate) async fn blob(
+        &self,
+        method: &Method,
+        repo: &str,
+        digest: &Digest,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let path = format!("{repo}/blobs/{digest}");
+        let resp = self
+            .send(method.clone(), &path, headers, Some(&scope(repo)))
+            .await?;
+        map_status(resp, NotFound::Blob)
+    }
+
+    /// `GET` of a blob from `offset` on (`Range: bytes=<offset>-` past 0), for fills.
+    pub(crate) async fn blob_from(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<reqwest::Response, ApiError> {
+        let mut headers = HeaderMap::new();
+        if offset > 0
+            && let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-"))
+        {
+            headers.insert(header::RANGE, v);
+        }
+        self.blob(&Method::GET, repo, digest, &headers).await
+    }
+
+    /// A manifest by tag or digest, any status; the full `Accept` list unless the client
+    /// sent its own.
+    pub(crate) async fn manifest_any_status(
+        &self,
+        method: &Method,
+        repo: &str,
+        reference: &str,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let path = format!("{repo}/manifests/{reference}");
+        let mut fwd = headers.clone();
+        if !fwd.contains_key(header::ACCEPT) {
+            fwd.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        }
+        self.send(method.clone(), &path, &fwd, Some(&scope(repo)))
+            .await
+    }
+
+    /// [`Upstream::manifest_any_status`] with error statuses mapped.
+    pub(crate) async fn manifest(
+        &self,
+        method: &Method,
+        repo: &str,
+        reference: &str,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let resp = self
+            .manifest_any_status(method, repo, reference, headers)
+            .await?;
+        map_status(resp, NotFound::Manifest)
+    }
+
+    /// `GET <repo>/tags/list[?query]`, any status.
+    pub(crate) async fn tags_any_status(
+        &self,
+        repo: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let path = with_query(format!("{repo}/tags/list"), query);
+        self.send(Method::GET, &path, headers, Some(&scope(repo)))
+            .await
+    }
+
+    /// [`Upstream::tags_any_status`] with error statuses mapped.
+    pub(crate) async fn tags(
+        &self,
+        repo: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let resp = self.tags_any_status(repo, query, headers).await?;
+        map_status(resp, NotFound::Name)
+    }
+
+    /// `GET <repo>/referrers/<digest>[?query]`; error statuses mapped.
+    pub(crate) async fn referrers(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let path = with_query(format!("{repo}/referrers/{digest}"), query);
+        let resp = self
+            .send(Method::GET, &path, headers, Some(&scope(repo)))
+            .await?;
+        map_status(resp, NotFound::Manifest)
+    }
+
+    /// Sends `method` to `/v2/{path_and_query}` with the client's forwardable headers.
+    /// `scope` is the token scope, e.g. `repository:deckhouse/ee:pull`.
+    ///
+    /// Returns the upstream response for any status except an unrecoverable `401`, which
+    /// becomes [`ApiError::upstream_denied`]. Statuses are the caller's to map.
+    async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        client_headers: &HeaderMap,
+        scope: Option<&str>,
+    ) -> Result<reqwest::Response, ApiError> {
+        let url = format!("{}/v2/{path_and_query}", self.base);
+        let mut headers = HeaderMap::new();
+        for name in FORWARDED_REQUEST_HEADERS {
+            // containers/image sends several Accept lines; every one must reach the
+            // upstream or index pulls break.
+            for v in client_headers.get_all(&name) {
+                headers.append(name.clone(), v.clone());
+            }
+        }
+        let authorization = self.auth.authorization(scope).await.map_err(auth_error)?;
+        let resp = self
+            .once(&method, &url, &headers, authorization.as_ref())
+            .await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let challenge = resp.headers().get(header::WWW_AUTHENTICATE).cloned();
+        drop(resp);
+        let retry = self
+            .auth
+            .challenged(scope, challenge.as_ref(), authorization.as_ref())
+            .await
+            .map_err(auth_error)?;
+        let Some(retry) = retry else {
+            return Err(ApiError::upstream_denied(401));
+        };
+        let resp = self.once(&method, &url, &headers, Some(&retry)).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(ApiError::upstream_denied(401));
+        }
+        Ok(resp)
+    }
+
+    async fn once(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &HeaderMap,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<reqwest::Response, ApiError> {
+        let http = self.http.load_full();
+        let mut req = http.request(method.clone(), url).headers(headers.clone());
+        if let Some(a) = authorization {
+            req = req.header(header::AUTHORIZATION, a.clone());
+        }
+        let started = std::time::Instant::now();
+        let result = req.send().await;
+        let elapsed = started.elapsed();
+        match result {
+            Ok(mut resp) => {
+                self.metrics
+                    .upstream_response(method, resp.status().as_u16(), elapsed);
+                crate::ops::notes::note_upstream(resp.status().as_u16());
+                resp.extensions_mut()
+                    .insert(SentAt(started, method.clone()));
+                if let Some(rem) = resp
+                    .headers()
+                    .get("ratelimit-remaining")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split(';').next())
+                    .and_then(|v| v.trim().parse::<i64>().ok())
+                {
+                    self.metrics.rate_limit_remaining.set(rem);
+                }
+                Ok(resp)
+            }
+            Err(e) => {
+                self.metrics.upstream_response(method, 0, elapsed);
+                crate::ops::notes::note_upstream(0);
+                Err(transport_error(&e))
+            }
+        }
+    }
+}
+
+/// When an upstream request was sent, carried on its response.
+#[derive(Clone, Debug)]
+struct SentAt(std::time::Instant, Method);
+
+/// Observes `registry_proxy_upstream_duration_seconds` when an upstream body is done
+/// (fully read or dropped).
+#[derive(Debug)]
+pub(crate) struct BodyTimer {
+    metrics: Arc<Metrics>,
+    sent: Option<SentAt>,
+}
+
+impl BodyTimer {
+    /// Starts timing `resp`'s body from when its request was sent.
+    pub(crate) fn new(metrics: &Arc<Metrics>, resp: &reqwest::Response) -> Self {
+        Self {
+            metrics: metrics.clone(),
+            sent: resp.extensions().get::<SentAt>().cloned(),
+        }
+    }
+}
+
+impl Drop for BodyTimer {
+    fn drop(&mut self) {
+        if let Some(SentAt(at, method)) = &self.sent {
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[crate::ops::metrics::method_label(method)])
+                .observe(at.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn auth_error(e: registry_auth::Error) -> ApiError {
+    tracing::warn!(error = %e, "upstream authentication failed");
+    // A fetch shared by concurrent requests carries its cause inside.
+    let cause = match &e {
+        registry_auth::Error::Shared(inner) => inner.as_ref(),
+        other => other,
+    };
+    match cause {
+        registry_auth::Error::TokenStatus { status, .. } if *status == 401 || *status == 403 => {
+            ApiError::upstream_denied(*status)
+        }
+        other => ApiError::upstream_auth(&other.to_string()),
+    }
+}
+
+/// Classifies a transport failure without leaking URLs with query strings.
+pub(crate) fn transport_error(e: &reqwest::Error) -> ApiError {
+    if e.is_timeout() {
+        return ApiError::upstream_timeout();
+    }
+    let mut reason = if e.is_connect() {
+        "connection failed".to_owned()
+    } else if e.is_redirect() {
+        "too many redirects".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    // The innermost cause says e.g. "connection refused" or a TLS verification error.
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    let mut last = None;
+    while let Some(s) = source {
+        last = Some(s.to_string());
+        source = s.source();
+    }
+    if let Some(last) = last {
+        reason.push_str(": ");
+        reason.push_str(&last);
+    }
+    ApiError::upstream_unreachable(&reason)
+}
+
+/// The token scope of a pull from `repo`.
+fn scope(repo: &str) -> String {
+    format!("repository:{repo}:pull")
+}
+
+fn with_query(mut path: String, query: Option<&str>) -> String {
+    if let Some(q) = query {
+        path.push('?');
+        path.push_str(q);
+    }
+    path
+}
+
+/// What a 404 is about: decides its OCI code.
+#[derive(Clone, Copy, Debug)]
+enum NotFound {
+    Blob,
+    Manifest,
+    Name,
+}
+
+/// Maps an upstream status that is not success to the client-facing error; statuses
+/// that describe the relayed request itself (other 4xx, 416) pass on verbatim.
+fn map_status(resp: reqwest::Response, not_found: NotFound) -> Result<reqwest::Response, ApiError> {
+    let status = resp.status();
+    let error = match status.as_u16() {
+        200..=399 | 416 => return Ok(resp),
+        404 => match not_found {
+            NotFound::Blob => ApiError::upstream_not_found("BLOB_UNKNOWN", "blob"),
+            NotFound::Manifest => ApiError::upstream_not_found("MANIFEST_UNKNOWN", "manifest"),
+            NotFound::Name => ApiError::upstream_not_found("NAME_UNKNOWN", "repository"),
+        },
+        429 => ApiError::upstream_rate_limited(resp.headers().get(header::RETRY_AFTER).cloned()),
+        401 | 403 => ApiError::upstream_denied(status.as_u16()),
+        s if s >= 500 => ApiError::upstream_status(s),
+        _ => return Ok(resp),
+    };
+    Err(error)
+}
+
+/// Refuses an upstream blob response whose announced length is implausible.
+pub(crate) fn check_blob_length(resp: &reqwest::Response) -> Result<(), ApiError> {
+    // The header itself: for a HEAD, reqwest's `content_length()` is the empty body's size.
+    let announced = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .or(resp.content_length());
+    match announced {
+        Some(n) if n > MAX_BLOB_BYTES => {
+            tracing::warn!(length = n, "upstream blob length implausible; refused");
+            Err(ApiError::integrity("upstream blob length is implausible"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reads a whole (small) body with a bound.
+pub(crate) async fn read_bounded(resp: reqwest::Response, limit: usize) -> Result<Bytes, ApiError> {
+    if resp.content_length().is_some_and(|l| l > limit as u64) {
+        return Err(ApiError::integrity("upstream response too large"));
+    }
+    let mut buf = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.try_next().await.map_err(|e| transport_error(&e))? {
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::integrity("upstream response too large"));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// SHA-256 digest string of `bytes`.
+fn sha256_digest(bytes: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    format!("sha256:{}", hex::encode(d.as_ref()))
+}
+
+/// Reads a manifest body (bounded), counts it as upstream bytes and computes its digest;
+/// when `expected` is a sha256 digest the bytes must match it. The bytes are never
+/// re-serialised: the digest is over exactly what the upstream sent.
+pub(crate) async fn read_manifest(
+    resp: reqwest::Response,
+    expected: Option<&Digest>,
+    metrics: &Metrics,
+) -> Result<(Bytes, Digest), ApiError> {
+    let body = read_bounded(resp, MAX_MANIFEST_BYTES).await?;
+    metrics.upstream_bytes.inc_by(body.len() as u64);
+    let digest = crate::path::parse_digest(&sha256_digest(&body))?;
+    if let Some(want) = expected
+        && want.algorithm().as_ref() == "sha256"
+        && *want != digest
+    {
+        tracing::error!(expected = %want, got = %digest, "upstream manifest does not match its digest");
+        return Err(ApiError::integrity(
+            "upstream manifest does not match the requested digest",
+        ));
+    }
+    Ok((body, digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_of_empty() {
+        assert_eq!(
+            sha256_digest(b""),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}
