@@ -27,7 +27,7 @@ use crate::ops::metrics::Metrics;
 use crate::path::Reference;
 use crate::upstream::Upstream;
 use crate::upstream::blob_source::UpstreamBlob;
-use crate::upstream::client::read_manifest;
+use crate::upstream::response::read_manifest;
 use crate::upstream::revalidate::revalidate;
 
 /// The manifest media types a pull may resolve to.

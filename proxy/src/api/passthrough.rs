@@ -14,7 +14,8 @@ use oci_spec::image::Digest;
 use crate::api::state::AppState;
 use crate::error::ApiError;
 use crate::ops::metrics::Metrics;
-use crate::upstream::client::{BodyTimer, check_blob_length};
+use crate::upstream::client::BodyTimer;
+use crate::upstream::response::check_blob_length;
 
 /// Upstream response headers the client sees. Everything else (notably
 /// `WWW-Authenticate`, `Set-Cookie`, hop-by-hop headers) stays behind the proxy.

@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use crate::api::state::AppState;
 use crate::error::ApiError;
 use crate::path::Alias;
-use crate::upstream::client::{MAX_TAGS_BYTES, read_bounded};
+use crate::upstream::response::{MAX_TAGS_BYTES, read_bounded};
 
 /// The tag list endpoint; `local` is the client-side name, `remote` the upstream one.
 pub(crate) async fn get(

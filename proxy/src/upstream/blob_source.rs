@@ -12,7 +12,8 @@ use registry_cache::{BlobSource, Digest, SourceBody, SourceError};
 use crate::error::ApiError;
 use crate::ops::metrics::Metrics;
 use crate::upstream::Upstream;
-use crate::upstream::client::{BodyTimer, check_blob_length, transport_error};
+use crate::upstream::client::BodyTimer;
+use crate::upstream::response::{check_blob_length, transport_error};
 
 /// Fetches one blob from the upstream at an offset, for fills.
 pub(crate) struct UpstreamBlob {

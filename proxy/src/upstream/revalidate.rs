@@ -10,8 +10,8 @@ use tokio_util::task::TaskTracker;
 use crate::error::ApiError;
 use crate::ops::metrics::Metrics;
 use crate::upstream::Upstream;
-use crate::upstream::client::read_manifest;
 use crate::upstream::flight::Flights;
+use crate::upstream::response::read_manifest;
 
 /// The digest and media type a tag resolves to now.
 pub(crate) type Resolved = (Digest, String);
