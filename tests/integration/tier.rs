@@ -251,7 +251,7 @@ async fn two_replicas_fetch_a_blob_once_through_its_owner() {
         ]);
         pxs.push(start_on(l, args).await);
     }
-    let owner = registry_proxy::peer::rendezvous(&urls, &blob.digest)
+    let owner = registry_proxy::rendezvous(&urls, &blob.digest)
         .unwrap()
         .to_owned();
     let mut clients = tokio::task::JoinSet::new();
@@ -535,7 +535,7 @@ async fn cluster_tier_on_garage() {
     // Its owner must upload through a live node: not replica 3, whose node is down.
     let c1 = loop {
         let b = Blob::random(6 << 20);
-        if registry_proxy::peer::rendezvous(&urls, &b.digest) != Some(urls[2].as_str()) {
+        if registry_proxy::rendezvous(&urls, &b.digest) != Some(urls[2].as_str()) {
             break b;
         }
     };
@@ -591,7 +591,7 @@ async fn cluster_tier_on_garage() {
             delay: Duration::from_millis(25),
         },
     ));
-    let owner = registry_proxy::peer::rendezvous(&urls, &d.digest)
+    let owner = registry_proxy::rendezvous(&urls, &d.digest)
         .unwrap()
         .to_owned();
     let oi = rs.iter().position(|r| r.base() == owner).unwrap();

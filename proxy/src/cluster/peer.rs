@@ -17,19 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::{StatusCode, header};
 use registry_auth::client::{ClientAuth, peer::SCHEME};
 use registry_cache::{BlobSource, Digest, SourceBody, SourceError};
 
-use crate::error::ApiError;
-use crate::routes::{AppState, RouteLabel};
-
 /// Path prefix of the internal endpoint.
-pub const PATH_PREFIX: &str = "/_peer/v1/blobs/";
+pub(crate) const PATH_PREFIX: &str = "/_peer/v1/blobs/";
 /// Lifetime of one peer token: long enough for clock skew between nodes, short enough
 /// that a leaked one is useless.
 const TOKEN_TTL: Duration = Duration::from_secs(60);
@@ -58,14 +53,14 @@ pub fn rendezvous<'a>(peers: &'a [String], key: &str) -> Option<&'a str> {
 
 /// The replica set as this replica sees it.
 #[derive(Debug)]
-pub struct Peers {
+pub(crate) struct Peers {
     me: String,
     list: ArcSwap<Vec<String>>,
 }
 
 impl Peers {
     /// `me` is this replica's normalised `--advertise` URL.
-    pub fn new(me: String, others: Vec<String>) -> Self {
+    pub(crate) fn new(me: String, others: Vec<String>) -> Self {
         let p = Self {
             list: ArcSwap::from_pointee(Vec::new()),
             me,
@@ -75,7 +70,7 @@ impl Peers {
     }
 
     /// Replaces the list (this replica is always in it).
-    pub fn set(&self, mut list: Vec<String>) {
+    pub(crate) fn set(&self, mut list: Vec<String>) {
         list.push(self.me.clone());
         list.sort();
         list.dedup();
@@ -87,17 +82,12 @@ impl Peers {
     }
 
     /// Replicas known, this one included.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.list.load().len()
     }
 
-    /// Always `false`: this replica is in its own list.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     /// The owner of `key` when it is another replica; `None` when it is this one.
-    pub fn owner(&self, key: &str) -> Option<String> {
+    pub(crate) fn owner(&self, key: &str) -> Option<String> {
         let list = self.list.load();
         rendezvous(&list, key)
             .filter(|o| *o != self.me)
@@ -105,25 +95,8 @@ impl Peers {
     }
 }
 
-/// `scheme://host:port` of a URL without path, query or credentials; `None` otherwise.
-pub fn normalise_url(raw: &str) -> Option<String> {
-    let u = url::Url::parse(raw.trim()).ok()?;
-    if !matches!(u.scheme(), "http" | "https")
-        || !u.username().is_empty()
-        || u.password().is_some()
-        || u.query().is_some()
-        || u.fragment().is_some()
-        || !matches!(u.path(), "" | "/")
-    {
-        return None;
-    }
-    let host = u.host_str()?;
-    let port = u.port_or_known_default()?;
-    Some(format!("{}://{host}:{port}", u.scheme()))
-}
-
 /// Re-resolves `name` every `every`, keeping the last good answer on failure.
-pub fn spawn_dns_refresh(
+pub(crate) fn spawn_dns_refresh(
     peers: Arc<Peers>,
     name: String,
     scheme: String,
@@ -163,12 +136,12 @@ pub fn spawn_dns_refresh(
 }
 
 /// The subject a peer token is bound to.
-fn subject(repo: &str, digest: &Digest) -> String {
+pub(crate) fn subject(repo: &str, digest: &Digest) -> String {
     format!("{repo}@{digest}")
 }
 
 /// Reads one blob from its owner replica.
-pub struct PeerSource {
+pub(crate) struct PeerSource {
     /// HTTP client for peers.
     pub client: reqwest::Client,
     /// Owner's base URL.
@@ -187,7 +160,7 @@ pub struct PeerSource {
 
 /// Why a peer could not serve.
 #[derive(Debug, thiserror::Error)]
-pub enum PeerError {
+pub(crate) enum PeerError {
     /// No response headers within the bound.
     #[error("peer {0} did not answer in time")]
     Timeout(String),
@@ -236,7 +209,7 @@ impl BlobSource for PeerSource {
                     observe("error");
                     return Err(SourceError::fatal(PeerError::Unreachable(
                         base,
-                        crate::upstream::transport_error(&e).to_string(),
+                        crate::upstream::response::transport_error(&e).to_string(),
                     )));
                 }
                 Ok(Ok(r)) => r,
@@ -258,7 +231,9 @@ impl BlobSource for PeerSource {
             let body = resp
                 .bytes_stream()
                 .map(|r| {
-                    r.map_err(|e| SourceError::retryable(crate::upstream::transport_error(&e)))
+                    r.map_err(|e| {
+                        SourceError::retryable(crate::upstream::response::transport_error(&e))
+                    })
                 })
                 .boxed();
             Ok(SourceBody { total_len, body })
@@ -275,7 +250,7 @@ impl BlobSource for PeerSource {
 /// `ca`, only that CA is trusted and any name it signed is accepted: peers are dialled by
 /// pod IP, which no serving certificate names, and only replicas hold a leaf of the
 /// deployment's private CA.
-pub fn client(
+pub(crate) fn client(
     connect_timeout: Duration,
     ca: Option<&[u8]>,
 ) -> Result<reqwest::Client, crate::Error> {
@@ -297,80 +272,6 @@ pub fn client(
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| crate::Error::Client(e.to_string()))
-}
-
-/// `GET|HEAD /_peer/v1/blobs/<digest>?repo=<repository>` (see the module docs).
-pub async fn serve(State(state): State<AppState>, req: Request) -> Response {
-    let mut resp = match serve_inner(&state, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    resp.extensions_mut().insert(RouteLabel("peer"));
-    resp
-}
-
-async fn serve_inner(state: &AppState, req: Request) -> Result<Response, ApiError> {
-    let (parts, _body) = req.into_parts();
-    if parts.method != Method::GET && parts.method != Method::HEAD {
-        return Err(ApiError::unsupported_method());
-    }
-    let Some(layer) = state.cache.as_ref().filter(|l| l.cluster().is_some()) else {
-        return Err(ApiError::not_found_route());
-    };
-    let raw = parts
-        .uri
-        .path()
-        .strip_prefix(PATH_PREFIX)
-        .ok_or_else(ApiError::not_found_route)?;
-    let digest = crate::path::parse_digest(raw)?;
-    let repo = parts
-        .uri
-        .query()
-        .and_then(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok())
-        .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "repo").map(|(_, v)| v))
-        .ok_or_else(|| ApiError::bad_request("repo query parameter required"))?;
-    if !crate::path::valid_name(&repo) || state.alias.to_local(&repo).is_none() {
-        return Err(ApiError::bad_request("repo is not under the upstream path"));
-    }
-    let token = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix(SCHEME))
-        .and_then(|v| v.strip_prefix(' '));
-    let refused = || {
-        ApiError::unauthorized(
-            HeaderValue::from_static(SCHEME),
-            "peer token missing or invalid",
-        )
-    };
-    let Some(token) = token else {
-        return Err(refused());
-    };
-    if let Err(e) = state
-        .edge
-        .auth
-        .verify_peer_token(token, &subject(&repo, &digest))
-    {
-        tracing::warn!(error = %e, "peer request refused");
-        return Err(refused());
-    }
-    let mut headers = HeaderMap::new();
-    if let Some(r) = parts.headers.get(header::RANGE) {
-        headers.insert(header::RANGE, r.clone());
-    }
-    let scope = format!("repository:{repo}:pull");
-    crate::cached::blob_for(
-        state,
-        layer,
-        &parts.method,
-        &repo,
-        &digest,
-        &headers,
-        &scope,
-        crate::cached::Hop::Peer,
-    )
-    .await
 }
 
 #[cfg(test)]
@@ -432,11 +333,11 @@ mod tests {
     #[test]
     fn urls_are_normalised_or_refused() {
         assert_eq!(
-            normalise_url("http://10.0.0.1:5001/").as_deref(),
+            crate::tier_config::normalise_url("http://10.0.0.1:5001/").as_deref(),
             Some("http://10.0.0.1:5001")
         );
         assert_eq!(
-            normalise_url("https://px.example").as_deref(),
+            crate::tier_config::normalise_url("https://px.example").as_deref(),
             Some("https://px.example:443")
         );
         for bad in [
@@ -446,7 +347,7 @@ mod tests {
             "http://x:1/path",
             "http://x:1/?q",
         ] {
-            assert_eq!(normalise_url(bad), None, "{bad}");
+            assert_eq!(crate::tier_config::normalise_url(bad), None, "{bad}");
         }
     }
 }

@@ -11,7 +11,8 @@
 //! object. Flags are validated here ([`validate`]); metrics of the tier live in
 //! [`TierMetrics`].
 
-use std::path::PathBuf;
+pub(crate) mod peer;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +23,9 @@ use registry_cache::{
     S3Credentials, S3Outcome, S3Tier,
 };
 
-use crate::config::{Args, ConfigError};
-use crate::metrics::Metrics;
-use crate::peer::{PeerSource, Peers};
+use crate::cluster::peer::{PeerSource, Peers};
+use crate::ops::metrics::Metrics;
+use crate::tier_config::read_key;
 
 /// Uploads to S3 running at once.
 const UPLOAD_CONCURRENCY: usize = 2;
@@ -39,237 +40,9 @@ const S3_IDLE: Duration = Duration::from_secs(10);
 /// The rendezvous key that elects the replica running the S3 sweep.
 const SWEEP_KEY: &str = "registry-proxy/s3-sweep";
 
-/// Validated S3 settings.
-#[derive(Clone, Debug)]
-pub struct S3Settings {
-    /// Endpoint URL.
-    pub endpoint: String,
-    /// Bucket.
-    pub bucket: String,
-    /// Key prefix, without leading or trailing `/`.
-    pub prefix: String,
-    /// Region.
-    pub region: String,
-    /// Access key id file.
-    pub access_key_file: PathBuf,
-    /// Secret key file.
-    pub secret_key_file: PathBuf,
-}
-
-/// Validated peer settings.
-#[derive(Clone, Debug)]
-pub struct PeerSettings {
-    /// This replica's normalised URL.
-    pub advertise: String,
-    /// Static peers, normalised.
-    pub peers: Vec<String>,
-    /// Headless Service name.
-    pub dns: Option<String>,
-    /// The replicas' CA (PEM), when peers speak HTTPS with the controller's CA.
-    pub ca: Option<Vec<u8>>,
-}
-
-/// What `--s3-*`, `--peers*` and `--advertise` configure.
-#[derive(Clone, Debug, Default)]
-pub struct ClusterConfig {
-    /// The S3 tier, when `--s3-endpoint` is given.
-    pub s3: Option<S3Settings>,
-    /// Peers, when `--peers` or `--peers-dns` is given.
-    pub peers: Option<PeerSettings>,
-}
-
-fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        flag,
-        reason: reason.into(),
-    }
-}
-
-fn read_key(flag: &'static str, path: &std::path::Path) -> Result<String, ConfigError> {
-    let bytes = crate::inputs::read(flag, path)?;
-    let text = String::from_utf8(bytes).map_err(|_| ConfigError::File {
-        flag,
-        path: path.display().to_string(),
-        problem: "is not UTF-8 text".to_owned(),
-    })?;
-    let key = text.trim();
-    if key.is_empty() || key.len() > 256 || key.chars().any(char::is_whitespace) {
-        return Err(ConfigError::File {
-            flag,
-            path: path.display().to_string(),
-            problem: "does not hold one key (empty, too long or several words)".to_owned(),
-        });
-    }
-    Ok(key.to_owned())
-}
-
-/// Checks the cluster flags together (every file they name is read).
-pub fn validate(args: &Args) -> Result<ClusterConfig, ConfigError> {
-    let cache = args.cache_dir.is_some() && !args.no_cache;
-    let s3 = match &args.s3_endpoint {
-        None => {
-            for (flag, given) in [
-                ("--s3-bucket", args.s3_bucket.is_some()),
-                ("--s3-access-key-file", args.s3_access_key_file.is_some()),
-                ("--s3-secret-key-file", args.s3_secret_key_file.is_some()),
-                ("--s3-max-size", args.s3_max_size.is_some()),
-            ] {
-                if given {
-                    return Err(ConfigError::NoEffect {
-                        flag,
-                        why: "without --s3-endpoint",
-                    });
-                }
-            }
-            None
-        }
-        Some(endpoint) => {
-            if !cache {
-                return Err(invalid(
-                    "--s3-endpoint",
-                    "the S3 tier sits behind the local cache: needs --cache-dir (and no --no-cache)",
-                ));
-            }
-            let endpoint = crate::peer::normalise_url(endpoint).ok_or_else(|| {
-                invalid(
-                    "--s3-endpoint",
-                    format!("{endpoint:?} is not http(s)://host[:port] without a path"),
-                )
-            })?;
-            let bucket = args
-                .s3_bucket
-                .clone()
-                .ok_or_else(|| invalid("--s3-endpoint", "needs --s3-bucket"))?;
-            let bucket_ok = (3..=63).contains(&bucket.len())
-                && bucket.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
-                });
-            if !bucket_ok {
-                return Err(invalid(
-                    "--s3-bucket",
-                    format!("{bucket:?} is not an S3 bucket name"),
-                ));
-            }
-            let prefix = args.s3_prefix.trim().trim_matches('/').to_owned();
-            let prefix_ok = prefix.len() <= 200
-                && prefix.split('/').all(|seg| {
-                    !seg.is_empty()
-                        && seg != "."
-                        && seg != ".."
-                        && seg
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-                })
-                || prefix.is_empty();
-            if !prefix_ok {
-                return Err(invalid(
-                    "--s3-prefix",
-                    format!(
-                        "{:?}: segments of [A-Za-z0-9._-] separated by /",
-                        args.s3_prefix
-                    ),
-                ));
-            }
-            let (Some(ak), Some(sk)) = (&args.s3_access_key_file, &args.s3_secret_key_file) else {
-                return Err(invalid(
-                    "--s3-endpoint",
-                    "needs --s3-access-key-file and --s3-secret-key-file",
-                ));
-            };
-            read_key("--s3-access-key-file", ak)?;
-            read_key("--s3-secret-key-file", sk)?;
-            if args.s3_timeout.is_zero() {
-                return Err(invalid("--s3-timeout", "must be more than 0s"));
-            }
-            Some(S3Settings {
-                endpoint,
-                bucket,
-                prefix,
-                region: args.s3_region.clone(),
-                access_key_file: ak.clone(),
-                secret_key_file: sk.clone(),
-            })
-        }
-    };
-    let wants_peers = !args.peers.iter().all(|p| p.trim().is_empty()) || args.peers_dns.is_some();
-    let peers = if wants_peers {
-        if !cache {
-            return Err(invalid(
-                "--peers",
-                "peers share fills of the local cache: needs --cache-dir (and no --no-cache)",
-            ));
-        }
-        if args.token_key_file.is_none() {
-            return Err(invalid(
-                "--peers",
-                "replicas authenticate to each other with the shared --token-key-file",
-            ));
-        }
-        let advertise = args
-            .advertise
-            .as_deref()
-            .ok_or_else(|| invalid("--peers", "needs --advertise (this replica's own URL)"))?;
-        let advertise = crate::peer::normalise_url(advertise).ok_or_else(|| {
-            invalid(
-                "--advertise",
-                format!("{advertise:?} is not http(s)://host:port"),
-            )
-        })?;
-        let peers = args
-            .peers
-            .iter()
-            .filter(|p| !p.trim().is_empty())
-            .map(|p| {
-                crate::peer::normalise_url(p)
-                    .ok_or_else(|| invalid("--peers", format!("{p:?} is not http(s)://host:port")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if args.peer_timeout.is_zero() || args.peers_refresh < Duration::from_secs(1) {
-            return Err(invalid(
-                "--peer-timeout/--peers-refresh",
-                "must be more than 0s / at least 1s",
-            ));
-        }
-        let ca = match &args.peer_ca {
-            Some(path) => {
-                let pem = crate::inputs::read("--peer-ca", path)?;
-                if crate::tls::parse_ca_bundle(&pem).is_err() {
-                    return Err(ConfigError::File {
-                        flag: "--peer-ca",
-                        path: path.display().to_string(),
-                        problem: "is not a PEM certificate bundle".to_owned(),
-                    });
-                }
-                Some(pem)
-            }
-            None => None,
-        };
-        Some(PeerSettings {
-            advertise,
-            peers,
-            dns: args.peers_dns.clone(),
-            ca,
-        })
-    } else {
-        for (flag, given) in [
-            ("--advertise", args.advertise.is_some()),
-            ("--peer-ca", args.peer_ca.is_some()),
-        ] {
-            if given {
-                return Err(ConfigError::NoEffect {
-                    flag,
-                    why: "without --peers or --peers-dns",
-                });
-            }
-        }
-        None
-    };
-    Ok(ClusterConfig { s3, peers })
-}
-
 /// Metrics of the tier (registered in the proxy's registry).
 #[derive(Clone)]
-pub struct TierMetrics {
+pub(crate) struct TierMetrics {
     /// S3 requests by operation and outcome.
     pub s3_requests: IntCounterVec,
     /// S3 request latency by operation.
@@ -297,14 +70,14 @@ const BUCKETS: &[f64] = &[
 impl TierMetrics {
     fn new(metrics: &Metrics) -> Self {
         let m = Self {
-            s3_requests: crate::metrics::defined(IntCounterVec::new(
+            s3_requests: crate::ops::metrics::defined(IntCounterVec::new(
                 Opts::new(
                     "registry_proxy_s3_requests_total",
                     "S3 tier requests by operation and outcome.",
                 ),
                 &["op", "outcome"],
             )),
-            s3_duration: crate::metrics::defined(HistogramVec::new(
+            s3_duration: crate::ops::metrics::defined(HistogramVec::new(
                 HistogramOpts::new(
                     "registry_proxy_s3_request_duration_seconds",
                     "S3 tier request latency to the response headers, by operation.",
@@ -312,46 +85,46 @@ impl TierMetrics {
                 .buckets(BUCKETS.to_vec()),
                 &["op"],
             )),
-            s3_uploads: crate::metrics::defined(IntCounterVec::new(
+            s3_uploads: crate::ops::metrics::defined(IntCounterVec::new(
                 Opts::new(
                     "registry_proxy_s3_uploads_total",
                     "Uploads of verified blobs and manifests to the S3 tier by result.",
                 ),
                 &["result"],
             )),
-            degraded: crate::metrics::defined(IntGauge::new(
+            degraded: crate::ops::metrics::defined(IntGauge::new(
                 "registry_proxy_tier_degraded",
                 "1 while S3 tier requests fail and pulls are served from the local disk, peers and the upstream.",
             )),
-            s3_size: crate::metrics::defined(IntGaugeVec::new(
+            s3_size: crate::ops::metrics::defined(IntGaugeVec::new(
                 Opts::new(
                     "registry_proxy_s3_objects",
                     "Bytes and objects in the S3 tier at the last sweep.",
                 ),
                 &["unit"],
             )),
-            peer_fetches: crate::metrics::defined(IntCounterVec::new(
+            peer_fetches: crate::ops::metrics::defined(IntCounterVec::new(
                 Opts::new(
                     "registry_proxy_peer_fetches_total",
                     "Blob fetches from the owner replica by result.",
                 ),
                 &["result"],
             )),
-            fallbacks: crate::metrics::defined(IntCounterVec::new(
+            fallbacks: crate::ops::metrics::defined(IntCounterVec::new(
                 Opts::new(
                     "registry_proxy_tier_fallbacks_total",
                     "Fills that moved on from a tier (miss, fault, timeout, death mid-body), by that tier.",
                 ),
                 &["from"],
             )),
-            fill_bytes: crate::metrics::defined(IntCounterVec::new(
+            fill_bytes: crate::ops::metrics::defined(IntCounterVec::new(
                 Opts::new(
                     "registry_proxy_tier_fill_bytes_total",
                     "Blob bytes read into fills, by tier.",
                 ),
                 &["source"],
             )),
-            peers: crate::metrics::defined(IntGauge::new(
+            peers: crate::ops::metrics::defined(IntGauge::new(
                 "registry_proxy_peers",
                 "Replicas in the owner map (this one included).",
             )),
@@ -388,7 +161,7 @@ impl TierMetrics {
 
 /// Who asks: a client (may go to the owner) or a peer (never forwarded again).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hop {
+pub(crate) enum Hop {
     /// A client request.
     Client,
     /// A request from another replica.
@@ -396,7 +169,7 @@ pub enum Hop {
 }
 
 /// The S3 tier, the peers and their metrics.
-pub struct Cluster {
+pub(crate) struct Cluster {
     s3: Option<S3Tier>,
     s3_credentials: Option<Arc<S3Credentials>>,
     peers: Option<Arc<Peers>>,
@@ -419,7 +192,7 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Builds the tier from validated settings and starts its background tasks (S3
     /// probe and sweep, peer DNS refresh). `None` when neither is configured.
-    pub fn start(
+    pub(crate) fn start(
         config: &crate::Config,
         metrics: &Arc<Metrics>,
         auth: ClientAuth,
@@ -437,12 +210,12 @@ impl Cluster {
                 && let Ok(u) = url::Url::parse(&p.advertise)
                 && let Some(port) = u.port_or_known_default()
             {
-                crate::peer::spawn_dns_refresh(
+                crate::cluster::peer::spawn_dns_refresh(
                     peers.clone(),
                     name.clone(),
                     u.scheme().to_owned(),
                     port,
-                    config.args.peers_refresh,
+                    p.refresh,
                     tasks,
                     shutdown.clone(),
                 );
@@ -450,8 +223,10 @@ impl Cluster {
             peers
         });
         let peer_client = match &peers {
-            Some(_) => Some(crate::peer::client(
-                config.args.peer_timeout,
+            Some(_) => Some(crate::cluster::peer::client(
+                cc.peers
+                    .as_ref()
+                    .map_or(Duration::from_secs(3), |p| p.timeout),
                 cc.peers.as_ref().and_then(|p| p.ca.as_deref()),
             )?),
             None => None,
@@ -482,11 +257,10 @@ impl Cluster {
                         prefix: s.prefix.clone(),
                         region: s.region.clone(),
                         credentials: creds.clone(),
-                        first_byte_timeout: config.args.s3_timeout,
+                        first_byte_timeout: s.timeout,
                         idle_timeout: S3_IDLE,
-                        max_size: config.args.s3_max_size,
-                        max_age: (!config.args.s3_max_age.is_zero())
-                            .then_some(config.args.s3_max_age),
+                        max_size: s.max_size,
+                        max_age: s.max_age,
                         upload_concurrency: UPLOAD_CONCURRENCY,
                         upload_queue: UPLOAD_QUEUE,
                     },
@@ -511,7 +285,10 @@ impl Cluster {
             s3_credentials,
             peers,
             peer_client,
-            peer_timeout: config.args.peer_timeout,
+            peer_timeout: cc
+                .peers
+                .as_ref()
+                .map_or(Duration::from_secs(3), |p| p.timeout),
             auth,
             metrics: tm,
             tasks: tasks.clone(),
@@ -524,13 +301,8 @@ impl Cluster {
     }
 
     /// The reloadable S3 key pair.
-    pub fn s3_credentials(&self) -> Option<&Arc<S3Credentials>> {
+    pub(crate) fn s3_credentials(&self) -> Option<&Arc<S3Credentials>> {
         self.s3_credentials.as_ref()
-    }
-
-    /// The S3 tier.
-    pub fn s3(&self) -> Option<&S3Tier> {
-        self.s3.as_ref()
     }
 
     fn refresh_metrics(&self) {
@@ -568,7 +340,7 @@ impl Cluster {
     }
 
     /// The chain a fill of `digest` (from upstream repository `repo`) reads through.
-    pub fn chain(
+    pub(crate) fn chain(
         &self,
         digest: &Digest,
         repo: &str,
@@ -621,7 +393,7 @@ impl Cluster {
 
     /// Runs after a fill this replica leads: uploads what came from the upstream,
     /// removes an S3 object that failed verification.
-    pub fn after_fill(&self, cache: &Cache, fill: Fill, chain: ChainSource) {
+    pub(crate) fn after_fill(&self, cache: &Cache, fill: Fill, chain: ChainSource) {
         let Some(s3) = self.s3.clone() else { return };
         let digest = fill.digest().clone();
         let cache = cache.clone();
@@ -645,21 +417,16 @@ impl Cluster {
     }
 
     /// A manifest from S3, verified; `None` on a miss or a fault.
-    pub async fn manifest(&self, digest: &Digest) -> Option<(bytes::Bytes, String)> {
+    pub(crate) async fn manifest(&self, digest: &Digest) -> Option<(bytes::Bytes, String)> {
         let s3 = self.s3.as_ref()?;
         let hex = Hex::from_digest(digest).ok()?;
         s3.manifest(&hex).await
     }
 
     /// Uploads a verified manifest in the background.
-    pub fn upload_manifest(&self, digest: &Digest, bytes: bytes::Bytes, media_type: &str) {
+    pub(crate) fn upload_manifest(&self, digest: &Digest, bytes: bytes::Bytes, media_type: &str) {
         if let (Some(s3), Ok(hex)) = (&self.s3, Hex::from_digest(digest)) {
             s3.upload_manifest(hex, bytes, media_type.to_owned());
         }
-    }
-
-    /// Whether the S3 tier currently fails.
-    pub fn is_degraded(&self) -> bool {
-        self.s3.as_ref().is_some_and(S3Tier::is_degraded)
     }
 }
