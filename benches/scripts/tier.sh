@@ -84,11 +84,11 @@ LAB_PROXY_NAME=filler lab_start_proxy --cache-dir "$LAB/c-filler" --client-auth 
 get "http://$PX$P" >/dev/null
 for i in $(seq 1 "$RUNS"); do T[local]+=" $(get "http://$PX$P")"; done
 FM=$PX_METRICS
-for i in $(seq 1 300); do
+for i in $(seq 1 600); do
     curl -s "http://$FM/metrics" | grep -q '^registry_proxy_s3_uploads_total{result="ok"} 1' && break
     sleep 0.2
 done
-curl -s "http://$FM/metrics" | grep -q '^registry_proxy_s3_uploads_total{result="ok"} 1' || lab_die "upload did not finish"
+curl -s "http://$FM/metrics" | grep -q '^registry_proxy_s3_uploads_total{result="ok"} 1' || { curl -s "http://$FM/metrics" | grep -E "s3_(uploads|requests)" >&2; tail -5 "$LAB/logs/filler.log" >&2; cat "$G/ak" >&2; lab_die "upload did not finish"; }
 stop filler
 for i in $(seq 1 "$RUNS"); do
     rm -rf "$LAB/c-s3"
