@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 
 use crate::config::{Mode, Target, UpstreamParams, parse_module_config};
 use crate::consts::*;
+use crate::leader::Leadership;
 use crate::machine::{
     self, DeckhousePodObs, DeploymentObs, NodeObs, Observed, Plan, ServiceAction,
 };
@@ -71,6 +72,8 @@ pub struct Reconciler {
     /// One recorder for the process: its cache turns a repeated Warning into one Event
     /// with a growing series count instead of a new Event per pass.
     recorder: Recorder,
+    /// Guard checked before every write (`None`: a single writer, as in the scenario tests).
+    leadership: Option<Leadership>,
 }
 
 /// The `ModuleConfig` API resource.
@@ -79,26 +82,6 @@ pub fn module_config_resource() -> ApiResource {
         &GroupVersionKind::gvk("deckhouse.io", "v1alpha1", "ModuleConfig"),
         "moduleconfigs",
     )
-}
-
-async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K>
-where
-    K: Resource + Serialize + DeserializeOwned + Clone + Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    Ok(api.patch(&name, &pp, &Patch::Apply(obj)).await?)
-}
-
-async fn delete_opt<K>(api: &Api<K>, name: &str) -> Result<()>
-where
-    K: Resource + Clone + DeserializeOwned + Debug,
-{
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn secret_str(s: &Secret, key: &str) -> Option<String> {
@@ -147,6 +130,40 @@ impl Reconciler {
             client,
             settings,
             recorder,
+            leadership: None,
+        }
+    }
+
+    /// Writes only while `leadership` allows it: each write checks it first, so a pass that
+    /// outlives the Lease stops with [`Error::NotLeader`] before its next write.
+    pub fn with_leadership(mut self, leadership: Leadership) -> Self {
+        self.leadership = Some(leadership);
+        self
+    }
+
+    fn may_write(&self) -> Result<()> {
+        self.leadership.as_ref().map_or(Ok(()), Leadership::check)
+    }
+
+    async fn apply<K>(&self, api: &Api<K>, obj: &K) -> Result<K>
+    where
+        K: Resource + Serialize + DeserializeOwned + Clone + Debug,
+    {
+        self.may_write()?;
+        let name = obj.meta().name.clone().unwrap_or_default();
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        Ok(api.patch(&name, &pp, &Patch::Apply(obj)).await?)
+    }
+
+    async fn delete_opt<K>(&self, api: &Api<K>, name: &str) -> Result<()>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug,
+    {
+        self.may_write()?;
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -205,35 +222,6 @@ impl Reconciler {
             actual = Some(a);
         }
 
-        // PKI: only needed when heading to Direct; created once, kept until leaving Direct.
-        let target_direct = match &target {
-            Ok(Target::Direct(p)) => Some(p.clone()),
-            _ => None,
-        };
-        let mut pki_secret = secrets.get_opt(PKI_SECRET).await?;
-        if target_direct.is_some() && pki_secret.is_none() {
-            let ca = pki::generate_ca(now)?;
-            let s = opaque_secret(
-                PKI_SECRET,
-                BTreeMap::from([
-                    ("ca.crt".into(), ca.cert_pem),
-                    ("ca.key".into(), ca.key_pem),
-                    ("token.key".into(), pki::generate_token_key()?),
-                ]),
-            )?;
-            pki_secret = Some(apply(&secrets, &s).await?);
-        }
-        let ca = pki_secret.as_ref().and_then(|s| {
-            Some(pki::Ca {
-                cert_pem: secret_str(s, "ca.crt")?,
-                key_pem: secret_str(s, "ca.key")?,
-            })
-        });
-        let token_key = pki_secret
-            .as_ref()
-            .and_then(|s| secret_str(s, "token.key"))
-            .unwrap_or_default();
-
         // Cluster.
         let nodes: Api<Node> = Api::all(self.client.clone());
         let node_list = nodes.list(&ListParams::default()).await?;
@@ -257,6 +245,49 @@ impl Reconciler {
                     .filter(|v| !v.is_empty()),
             })
             .collect();
+        let current = Mode::parse(prev.mode_or_default()).unwrap_or_default();
+        // Only a switch into Direct asks whether the cluster can take it.
+        let bootstrapped = match (&target, current) {
+            (Ok(Target::Direct(_)), Mode::Unmanaged) => {
+                let cms: Api<ConfigMap> =
+                    Api::namespaced(self.client.clone(), BOOTSTRAPPED_NAMESPACE);
+                cms.get_opt(BOOTSTRAPPED_CONFIGMAP).await?.is_some()
+            }
+            _ => true,
+        };
+        let refused = machine::refuse_direct(current, bootstrapped, masters).is_some()
+            && matches!(target, Ok(Target::Direct(_)));
+
+        // PKI: only needed when heading to Direct; created once, kept until leaving Direct.
+        // A refused switch writes nothing but its state: no PKI, no checker run.
+        let target_direct = match &target {
+            Ok(Target::Direct(p)) if !refused => Some(p.clone()),
+            _ => None,
+        };
+        let mut pki_secret = secrets.get_opt(PKI_SECRET).await?;
+        if target_direct.is_some() && pki_secret.is_none() {
+            let ca = pki::generate_ca(now)?;
+            let s = opaque_secret(
+                PKI_SECRET,
+                BTreeMap::from([
+                    ("ca.crt".into(), ca.cert_pem),
+                    ("ca.key".into(), ca.key_pem),
+                    ("token.key".into(), pki::generate_token_key()?),
+                ]),
+            )?;
+            pki_secret = Some(self.apply(&secrets, &s).await?);
+        }
+        let ca = pki_secret.as_ref().and_then(|s| {
+            Some(pki::Ca {
+                cert_pem: secret_str(s, "ca.crt")?,
+                key_pem: secret_str(s, "ca.key")?,
+            })
+        });
+        let token_key = pki_secret
+            .as_ref()
+            .and_then(|s| secret_str(s, "token.key"))
+            .unwrap_or_default();
+
         let bashible_exists = secrets.get_opt(BASHIBLE_SECRET).await?.is_some();
         let deployment = deployments.get_opt(DEPLOYMENT_NAME).await?;
         let deployment_obs = deployment.as_ref().map(|d| {
@@ -371,7 +402,6 @@ impl Reconciler {
         }
 
         // Network checks, only where the pipeline can use them.
-        let current = Mode::parse(prev.mode_or_default()).unwrap_or_default();
         let leaving_direct = current == Mode::Direct || deployment.is_some();
         // `mode: Unmanaged` alone goes back to the upstream the live Direct config uses.
         let target_params = match &target {
@@ -389,7 +419,7 @@ impl Reconciler {
             )
         });
         let needs_checker = match &target {
-            Ok(Target::Direct(_)) => true,
+            Ok(Target::Direct(_)) => !refused,
             Ok(Target::Unmanaged(_)) => leaving_direct,
             _ => false,
         };
@@ -447,40 +477,42 @@ impl Reconciler {
                 .as_deref()
                 .zip(ca.as_ref())
                 .and_then(|(ip, c)| render::ProxyEndpoint::for_cluster_ip(ip, &c.cert_pem)),
+            bootstrapped,
+            masters,
         };
         let plan = machine::step(&observed);
         let hash = observation_hash(&observed);
 
         // Writes, in pipeline order.
         if let Some(b) = &plan.bashible {
-            apply(&secrets, &b.to_secret()?).await?;
+            self.apply(&secrets, &b.to_secret()?).await?;
         }
         if plan.apply_proxy
             && let Some(px) = &proxy
         {
-            apply(&secrets, &px.config).await?;
-            apply(&deployments, &px.deployment).await?;
-            apply(&pdbs, &px.pdb).await?;
+            self.apply(&secrets, &px.config).await?;
+            self.apply(&deployments, &px.deployment).await?;
+            self.apply(&pdbs, &px.pdb).await?;
         }
         match plan.service {
             ServiceAction::Apply => {
                 let svc = render::service()?;
-                match apply(&services, &svc).await {
+                match self.apply(&services, &svc).await {
                     // A headless Service left by Deckhouse cannot become ClusterIP in place.
                     Err(Error::Kube(kube::Error::Api(s))) if s.code == 422 => {
-                        delete_opt(&services, SERVICE_NAME).await?;
-                        apply(&services, &svc).await?;
+                        self.delete_opt(&services, SERVICE_NAME).await?;
+                        self.apply(&services, &svc).await?;
                     }
                     r => {
                         r?;
                     }
                 }
             }
-            ServiceAction::Delete => delete_opt(&services, SERVICE_NAME).await?,
+            ServiceAction::Delete => self.delete_opt(&services, SERVICE_NAME).await?,
             ServiceAction::Keep => {}
         }
         if let Some(d) = &plan.deckhouse_registry {
-            apply(&secrets, &d.to_secret()?).await?;
+            self.apply(&secrets, &d.to_secret()?).await?;
         }
         if self.settings.stock_containerd
             && plan.service == ServiceAction::Apply
@@ -494,21 +526,23 @@ impl Reconciler {
                     (key, f.content)
                 })
                 .collect();
-            apply(&secrets, &opaque_secret(STOCK_HOSTS_SECRET, data)?).await?;
+            self.apply(&secrets, &opaque_secret(STOCK_HOSTS_SECRET, data)?)
+                .await?;
         }
         if plan.delete_proxy {
-            delete_opt(&deployments, DEPLOYMENT_NAME).await?;
-            delete_opt(&pdbs, DEPLOYMENT_NAME).await?;
-            delete_opt(&secrets, PROXY_CONFIG_SECRET).await?;
-            delete_opt(&secrets, STOCK_HOSTS_SECRET).await?;
+            self.delete_opt(&deployments, DEPLOYMENT_NAME).await?;
+            self.delete_opt(&pdbs, DEPLOYMENT_NAME).await?;
+            self.delete_opt(&secrets, PROXY_CONFIG_SECRET).await?;
+            self.delete_opt(&secrets, STOCK_HOSTS_SECRET).await?;
         }
         if plan.delete_pki {
-            delete_opt(&secrets, PKI_SECRET).await?;
+            self.delete_opt(&secrets, PKI_SECRET).await?;
         }
         if let Some(a) = &plan.record_actual {
             self.record_actual(a).await?;
         }
-        apply(&secrets, &state::to_secret(&plan.state, &hash)?).await?;
+        self.apply(&secrets, &state::to_secret(&plan.state, &hash)?)
+            .await?;
         if let (Some((reason, note)), Some(mc)) = (&plan.warning, &mc_obj) {
             self.warn(mc, reason, note).await;
         }
@@ -524,7 +558,7 @@ impl Reconciler {
             ACTUAL_PARAMS_SECRET,
             BTreeMap::from([("params.json".into(), json)]),
         )?;
-        apply(&self.secrets(), &s).await?;
+        self.apply(&self.secrets(), &s).await?;
         Ok(())
     }
 
@@ -543,6 +577,9 @@ impl Reconciler {
             action: "Validate".into(),
             secondary: None,
         };
+        if self.may_write().is_err() {
+            return;
+        }
         // An Event is best effort: failing to record one must not fail the reconcile.
         if let Err(e) = self.recorder.publish(&ev, &reference).await {
             tracing::warn!(error = %e, "cannot publish event");

@@ -7,7 +7,9 @@
 //! - `Service.spec.clusterIP` is allocated on create and immutable (422), like `Secret.type`;
 //! - Leases are ordinary objects with those semantics, Events are stored;
 //! - every request is logged with the caller (the Bearer token stands for the user, as in a
-//!   cluster), verb and resource, and an optional latency delays every answer.
+//!   cluster), verb, resource, its arrival/processing/answer instants and the Lease holder at
+//!   processing time; an optional latency delays every answer, and a caller's requests for
+//!   one resource can be made to fail (an overloaded or partitioned API server).
 //!
 //! Watches are not served: the controller does not watch.
 
@@ -36,14 +38,23 @@ pub struct Logged {
     pub resource: String,
     /// Request path.
     pub path: String,
-    /// When the request arrived and when it was answered.
+    /// When the request arrived, when the store processed it (after the latency) and when it
+    /// was answered.
     pub start: Instant,
+    pub processed: Instant,
     pub end: Instant,
+    /// `holderIdentity` of Lease `d8-system/registry-controller` when the store processed the
+    /// request (under the same lock as the request itself).
+    pub lease_holder: Option<String>,
     /// Answer status.
     pub status: u16,
 }
 
 type Leaf = Vec<String>;
+
+/// Store key of the controller's Lease.
+pub const LEASE_KEY: &str =
+    "apis/coordination.k8s.io/v1/namespaces/d8-system/leases/registry-controller";
 
 #[derive(Default)]
 struct Inner {
@@ -54,6 +65,8 @@ struct Inner {
     next_ip: u8,
     log: Vec<Logged>,
     latency: Duration,
+    /// `(caller, group/resource, status)`: that caller's requests for that resource fail.
+    faults: Vec<(String, String, u16)>,
 }
 
 /// Handle to the fake API server's store.
@@ -467,6 +480,19 @@ impl FakeApi {
         self.lock().latency = d;
     }
 
+    /// Makes `who`'s requests for `resource` (`group/resource`, e.g.
+    /// `coordination.k8s.io/leases`) fail with `code`, as an overloaded API server or a
+    /// partition would; [`FakeApi::clear_faults`] ends it.
+    pub fn fail_requests(&self, who: &str, resource: &str, code: u16) {
+        self.lock()
+            .faults
+            .push((who.to_string(), resource.to_string(), code));
+    }
+
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
     /// Stores an object at its API path (`api/v1/namespaces/ns/secrets/name`), as another
     /// writer would (not owned by anyone we track).
     pub fn put(&self, path: &str, mut obj: Value) {
@@ -551,22 +577,34 @@ async fn handle(State(api): State<FakeApi>, req: Request) -> Response {
         tokio::time::sleep(latency).await;
     }
     let parsed = parse_path(&path);
-    let resp = answer(
-        &api,
-        &method,
-        &path,
-        &query,
-        &headers,
-        &who,
-        &body,
-        parsed.as_ref(),
-    );
     let (v, resource) = match &parsed {
         Some(p) => (
             verb(&method, p.name.is_some()),
             format!("{}/{}", p.group, p.resource),
         ),
         None => ("discovery", String::new()),
+    };
+    let processed = Instant::now();
+    let mut lease_holder = None;
+    let fault = api
+        .lock()
+        .faults
+        .iter()
+        .find(|(w, r, _)| *w == who && *r == resource)
+        .map(|f| f.2);
+    let resp = match fault {
+        Some(code) => status(code, "ServiceUnavailable", "injected fault"),
+        None => answer(
+            &api,
+            &method,
+            &path,
+            &query,
+            &headers,
+            &who,
+            &body,
+            parsed.as_ref(),
+            &mut lease_holder,
+        ),
     };
     api.lock().log.push(Logged {
         who,
@@ -575,7 +613,9 @@ async fn handle(State(api): State<FakeApi>, req: Request) -> Response {
         resource,
         path,
         start,
+        processed,
         end: Instant::now(),
+        lease_holder,
         status: resp.status().as_u16(),
     });
     resp
@@ -591,6 +631,7 @@ fn answer(
     who: &str,
     body: &Bytes,
     parsed: Option<&Parsed>,
+    lease_holder: &mut Option<String>,
 ) -> Response {
     if path == "/api" {
         return axum::Json(
@@ -620,6 +661,12 @@ fn answer(
     };
     let manager = param("fieldManager").unwrap_or_else(|| who.to_string());
     let mut g = api.lock();
+    *lease_holder = g
+        .objects
+        .get(LEASE_KEY)
+        .and_then(|l| l.pointer("/spec/holderIdentity"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
     match (method.clone(), &p.name) {
         (Method::GET, Some(name)) => match g.objects.get(&key(name)) {
             Some(o) => axum::Json(o.clone()).into_response(),
