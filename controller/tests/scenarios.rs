@@ -315,10 +315,7 @@ async fn unmanaged_to_direct_full_switch() {
     };
     assert_eq!(ltt(&st1), ltt(&st2));
 
-    // Fixture for docs/controller.md: the secret as kubectl would print it.
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let yaml = serde_saphyr::to_string(&st2).unwrap();
-    std::fs::write(dir.join("registry-state-direct.yaml"), yaml).unwrap();
+    assert_status_documented(&st2, "direct");
 }
 
 #[tokio::test]
@@ -648,10 +645,10 @@ async fn direct_to_unmanaged_with_mode_only() {
         env.rec.reconcile_once().await.unwrap().plan.ready(),
         "steady"
     );
-    // Fixture for docs/controller.md.
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let yaml = serde_saphyr::to_string(&read_secret(&env.api, "registry-state").unwrap()).unwrap();
-    std::fs::write(dir.join("registry-state-unmanaged.yaml"), yaml).unwrap();
+    assert_status_documented(
+        &read_secret(&env.api, "registry-state").unwrap(),
+        "unmanaged",
+    );
 }
 
 #[tokio::test]
@@ -1225,5 +1222,50 @@ async fn direct_at_bootstrap_is_refused_until_bootstrapped() {
             .unwrap()
             .iter()
             .any(|c| c.0 == types::ERR_TRANSITION_NOT_SUPPORTED)
+    );
+}
+
+/// Replaces what differs from run to run (times, the observation hash, the fake upstream's
+/// port) with placeholders.
+fn normalize_status(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            let t = l.trim_start();
+            let indent = &l[..l.len() - t.len()];
+            if t.starts_with("- lastTransitionTime: ") {
+                format!("{indent}- lastTransitionTime: <time>")
+            } else if t.starts_with("hash: ") {
+                format!("{indent}hash: <hash>")
+            } else if let Some(rest) = t.strip_prefix("127.0.0.1:") {
+                let tail = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+                format!("{indent}<upstream>{tail}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `registry-controller status --secret-file` on the secret as kubectl would print it,
+/// saves the transcript in `$CARGO_TARGET_TMPDIR/status-<name>.txt` and asserts that
+/// docs/controller.md shows the same (up to times, hash and upstream port).
+fn assert_status_documented(secret: &Secret, name: &str) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let file = dir.join(format!("registry-state-{name}.yaml"));
+    std::fs::write(&file, serde_saphyr::to_string(secret).unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_registry-controller"))
+        .arg("status")
+        .arg("--secret-file")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let transcript = String::from_utf8(out.stdout).unwrap();
+    std::fs::write(dir.join(format!("status-{name}.txt")), &transcript).unwrap();
+    let docs = include_str!("../../docs/controller.md");
+    assert!(
+        normalize_status(docs).contains(&normalize_status(transcript.trim_end())),
+        "docs/controller.md does not show this `status` output ({name}):\n{transcript}"
     );
 }
