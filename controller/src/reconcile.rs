@@ -14,6 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -74,7 +75,12 @@ pub struct Reconciler {
     recorder: Recorder,
     /// Guard checked before every write (`None`: a single writer, as in the scenario tests).
     leadership: Option<Leadership>,
+    /// Nodes as a watch keeps them (`run`); `None`: paginated LIST per pass.
+    node_store: Option<Store<Node>>,
 }
+
+/// Page size of a node LIST (client-go's pager default).
+pub const NODE_PAGE: u32 = 500;
 
 /// The `ModuleConfig` API resource.
 pub fn module_config_resource() -> ApiResource {
@@ -131,6 +137,7 @@ impl Reconciler {
             settings,
             recorder,
             leadership: None,
+            node_store: None,
         }
     }
 
@@ -139,6 +146,31 @@ impl Reconciler {
     pub fn with_leadership(mut self, leadership: Leadership) -> Self {
         self.leadership = Some(leadership);
         self
+    }
+
+    /// Reads nodes from `store` (kept by a watch) instead of listing them every pass.
+    pub fn with_node_store(mut self, store: Store<Node>) -> Self {
+        self.node_store = Some(store);
+        self
+    }
+
+    /// Every node: from the watch's store when there is one, else a LIST in pages of
+    /// [`NODE_PAGE`], as client-go's pager does.
+    async fn nodes(&self) -> Result<Vec<Arc<Node>>> {
+        if let Some(store) = &self.node_store {
+            return Ok(store.state());
+        }
+        let api: Api<Node> = Api::all(self.client.clone());
+        let mut out = Vec::new();
+        let mut lp = ListParams::default().limit(NODE_PAGE);
+        loop {
+            let page = api.list(&lp).await?;
+            out.extend(page.items.into_iter().map(Arc::new));
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp = lp.continue_token(&c),
+                None => return Ok(out),
+            }
+        }
     }
 
     fn may_write(&self) -> Result<()> {
@@ -223,15 +255,12 @@ impl Reconciler {
         }
 
         // Cluster.
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let node_list = nodes.list(&ListParams::default()).await?;
+        let node_list = self.nodes().await?;
         let masters = node_list
-            .items
             .iter()
             .filter(|n| n.labels().contains_key(MASTER_LABEL))
             .count();
         let node_obs: Vec<NodeObs> = node_list
-            .items
             .iter()
             .map(|n| NodeObs {
                 name: n.name_any(),

@@ -5,14 +5,50 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DynamicObject};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Client, Resource};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Error;
 use crate::leader::{LeaderElector, Leadership, LeaseTiming};
-use crate::reconcile::{Reconciler, Settings};
+use crate::reconcile::{Reconciler, Settings, module_config_resource};
+
+/// Passes triggered by a watch event come at most this often.
+const MIN_GAP: Duration = Duration::from_secs(1);
+/// First retry after a failed pass; doubles per failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait between failed passes.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Drives one watch stream until `cancel`, waking the loop on every change.
+async fn drive<K, S>(stream: S, changed: Arc<Notify>, cancel: CancellationToken)
+where
+    K: Resource,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    tokio::pin!(stream);
+    loop {
+        let item = tokio::select! {
+            i = stream.next() => i,
+            _ = cancel.cancelled() => return,
+        };
+        match item {
+            None => return,
+            Some(Ok(
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+            )) => changed.notify_one(),
+            Some(Ok(_)) => {}
+            // The stream backs off and relists by itself (410 Gone included).
+            Some(Err(e)) => tracing::warn!(error = %e, "watch"),
+        }
+    }
+}
 
 /// How `run` behaves (from CLI flags).
 #[derive(Clone, Debug)]
@@ -36,25 +72,46 @@ pub async fn run(client: Client, settings: Settings, opts: RunOptions, cancel: C
         opts.lease,
     ));
     let leadership = Leadership::default();
-    let reconciler = Reconciler::new(client, settings).with_leadership(leadership.clone());
+    let changed = Arc::new(Notify::new());
     let tasks = TaskTracker::new();
-    let elect_cancel = cancel.child_token();
+    let task_cancel = cancel.child_token();
+    // Nodes come from a watch (one paginated LIST, then changes), not a LIST per pass; the
+    // ModuleConfig watch wakes the loop on an edit instead of at the next resync.
+    let (node_store, node_writer) = reflector::store::<Node>();
+    let nodes = reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff();
+    tasks.spawn(drive(nodes, changed.clone(), task_cancel.clone()));
+    let mcs = watcher(
+        Api::<DynamicObject>::all_with(client.clone(), &module_config_resource()),
+        watcher::Config::default().fields("metadata.name=deckhouse"),
+    )
+    .default_backoff();
+    tasks.spawn(drive(mcs, changed.clone(), task_cancel.clone()));
+    let reconciler = Reconciler::new(client, settings)
+        .with_leadership(leadership.clone())
+        .with_node_store(node_store.clone());
     {
         let (elector, leadership, token) =
-            (elector.clone(), leadership.clone(), elect_cancel.clone());
+            (elector.clone(), leadership.clone(), task_cancel.clone());
         tasks.spawn(async move { elector.keep_leading(&leadership, &token).await });
     }
     tasks.close();
-    let mut last_pass: Option<Instant> = None;
     // Whether a pass may still have a write in flight: then the Lease is not released, it
     // expires, so the next leader cannot start before that write has landed.
     let mut settled = true;
-    loop {
-        let due_in = last_pass.map_or(Duration::ZERO, |t| {
-            opts.interval.saturating_sub(t.elapsed())
-        });
-        if leadership.is_leading() && due_in.is_zero() {
-            last_pass = Some(Instant::now());
+    // An empty store would read as "no nodes" (a managed cluster): wait for the first list.
+    tokio::select! {
+        _ = node_store.wait_until_ready() => {}
+        _ = cancel.cancelled() => {}
+    }
+    let mut next_at = Instant::now();
+    let mut last_end = Instant::now();
+    let mut backoff = FIRST_BACKOFF;
+    while !cancel.is_cancelled() {
+        if leadership.is_leading() && Instant::now() >= next_at {
             let pass = reconciler.reconcile_once();
             tokio::pin!(pass);
             let result = tokio::select! {
@@ -67,35 +124,46 @@ pub async fn run(client: Client, settings: Settings, opts: RunOptions, cancel: C
                     break;
                 }
             };
+            last_end = Instant::now();
             match result {
-                Ok(o) => tracing::info!(
-                    mode = %o.plan.state.mode,
-                    target = %o.plan.state.target_mode,
-                    ready = o.plan.ready(),
-                    "reconciled"
-                ),
+                Ok(o) => {
+                    tracing::info!(
+                        mode = %o.plan.state.mode,
+                        target = %o.plan.state.target_mode,
+                        ready = o.plan.ready(),
+                        "reconciled"
+                    );
+                    backoff = FIRST_BACKOFF;
+                    next_at = last_end + opts.interval;
+                }
                 Err(Error::NotLeader) => {
                     tracing::warn!(
                         "leadership ran out mid-pass; pass stopped before its next write"
-                    )
+                    );
+                    next_at = last_end;
                 }
-                Err(e) => tracing::warn!(error = %e, "reconcile failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "reconcile failed");
+                    next_at = last_end + backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
             }
             continue;
         }
         let wait = if leadership.is_leading() {
-            due_in
+            next_at.saturating_duration_since(Instant::now())
         } else {
             opts.lease.retry_period
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = changed.notified() => next_at = next_at.min(last_end + MIN_GAP),
             _ = leadership.changed() => {}
             _ = cancel.cancelled() => break,
         }
     }
     leadership.revoke();
-    elect_cancel.cancel();
+    task_cancel.cancel();
     tasks.wait().await;
     if !settled {
         tracing::warn!("stopped mid-write; lease left to expire");

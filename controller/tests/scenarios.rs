@@ -795,11 +795,18 @@ async fn rbac_grants_exactly_what_the_controller_calls() {
 
     let rules = rbac_rules();
     let used = assert_rbac_allows(&rules, &env.api.log(), &["replica-a"]);
-    // Leases are the `run` loop's (two_replicas_with_a_slow_api_never_both_write checks them).
-    let unused = unused_rules(&rules, &used, |r| {
-        !r.resources.iter().any(|x| x == "leases")
-    });
+    // Leases and watches are the `run` loop's (two_replicas_with_a_slow_api_never_both_write
+    // checks them).
+    let unused = unused_rules(&rules, &used, |r, v| !run_loop_only(r, v));
     assert!(unused.is_empty(), "rules no call needed: {unused:#?}");
+}
+
+/// Rules only the `run` loop needs: the Lease, and the watches (with their initial LIST of the
+/// ModuleConfig; the reconciler alone lists nodes itself).
+fn run_loop_only(r: &RbacRule, verb: &str) -> bool {
+    r.resources.iter().any(|x| x == "leases")
+        || verb == "watch"
+        || (verb == "list" && r.resources.iter().any(|x| x == "moduleconfigs"))
 }
 
 /// Asserts rbac.yaml allows every request of `callers`; returns the (rule, verb) pairs used.
@@ -811,7 +818,16 @@ fn assert_rbac_allows(
     let mut used = std::collections::BTreeSet::new();
     let mut denied = Vec::new();
     for l in log.iter().filter(|l| callers.contains(&l.who.as_str())) {
-        let (ns, group, resource, name) = request_target(&l.path);
+        let (ns, group, resource, mut name) = request_target(&l.path);
+        // The API server authorizes a list or watch of one name (fieldSelector
+        // metadata.name=X) against that name.
+        if matches!(l.verb, "list" | "watch") {
+            name = l
+                .query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("fieldSelector=metadata.name%3D"))
+                .map(str::to_string);
+        }
         // An apply that creates the object needs `create` as well as `patch`.
         let mut verbs = vec![l.verb];
         if l.verb == "patch" && l.status == 201 {
@@ -846,15 +862,15 @@ fn assert_rbac_allows(
 fn unused_rules(
     rules: &[RbacRule],
     used: &std::collections::BTreeSet<(usize, String)>,
-    scope: impl Fn(&RbacRule) -> bool,
+    scope: impl Fn(&RbacRule, &str) -> bool,
 ) -> Vec<String> {
     rules
         .iter()
         .enumerate()
-        .filter(|(_, r)| scope(r))
         .flat_map(|(i, r)| {
             r.verbs
                 .iter()
+                .filter(|v| scope(r, v))
                 .filter(|v| !used.contains(&(i, v.to_string())))
                 .map(|v| format!("{v} {:?} {:?} {:?}", r.groups, r.resources, r.names))
                 .collect::<Vec<_>>()
@@ -1066,8 +1082,11 @@ async fn two_replicas_with_a_slow_api_never_both_write() {
     // Both replicas stayed within rbac.yaml, and the Lease rules are exactly what they used.
     let rules = rbac_rules();
     let used = assert_rbac_allows(&rules, &log, &["replica-a", "replica-b"]);
-    let unused = unused_rules(&rules, &used, |r| r.resources.iter().any(|x| x == "leases"));
-    assert!(unused.is_empty(), "lease rules no call needed: {unused:#?}");
+    let unused = unused_rules(&rules, &used, run_loop_only);
+    assert!(
+        unused.is_empty(),
+        "lease and watch rules no call needed: {unused:#?}"
+    );
     // B took the Lease only after seeing A's last renewal unchanged for the whole duration.
     let lease_write = |who: &'static str| {
         log.iter()
@@ -1268,4 +1287,196 @@ fn assert_status_documented(secret: &Secret, name: &str) {
         normalize_status(docs).contains(&normalize_status(transcript.trim_end())),
         "docs/controller.md does not show this `status` output ({name}):\n{transcript}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_loop_watches_instead_of_polling() {
+    let env = setup(&[("m1", Some("default"), true)]).await;
+    let state_generation = |api: &FakeApi| {
+        read_secret(api, "registry-state").map(|s| {
+            state::from_secret(Some(&s))
+                .unwrap()
+                .conditions
+                .0
+                .iter()
+                .map(|c| c.observed_generation)
+                .max()
+                .unwrap_or(0)
+        })
+    };
+    // A resync far beyond the test: every pass after the first must come from a watch event.
+    let cancel = CancellationToken::new();
+    let opts = RunOptions {
+        identity: "replica-a".into(),
+        interval: Duration::from_secs(600),
+        lease: test_lease(),
+        release_timeout: Duration::from_secs(5),
+    };
+    let settings = Settings {
+        probe_resolver: Some(env.pod.resolver()),
+        ..Settings::default()
+    };
+    let task = tokio::spawn(run::run(
+        FakeApi::client(&env.url, "replica-a"),
+        settings,
+        opts,
+        cancel.clone(),
+    ));
+    wait_for("first pass", Duration::from_secs(10), || {
+        state_generation(&env.api) == Some(1)
+    })
+    .await;
+    // Idle: no request but the Lease's (no polling of anything).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_from = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle: Vec<String> = env
+        .api
+        .log()
+        .iter()
+        .filter(|l| l.start >= idle_from && l.resource != LEASES)
+        .map(|l| format!("{} {}", l.verb, l.path))
+        .collect();
+    assert!(idle.is_empty(), "requests while nothing changed: {idle:#?}");
+    // An edit of the ModuleConfig starts a pass at once, not at the resync.
+    let edited = std::time::Instant::now();
+    env.api.put(MC, module_config(2, direct(&env.reg, "good")));
+    wait_for("pass on the edit", Duration::from_secs(5), || {
+        state_generation(&env.api) == Some(2)
+    })
+    .await;
+    // A node change does too (bashible reporting the transition version).
+    let before = writes_by(&env.api, "replica-a");
+    simulate(&env).await;
+    wait_for("pass on the node change", Duration::from_secs(5), || {
+        writes_by(&env.api, "replica-a") > before
+    })
+    .await;
+    assert!(edited.elapsed() < Duration::from_secs(30));
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops")
+        .unwrap();
+    let log = env.api.log();
+    let node_calls: Vec<(&str, &str)> = log
+        .iter()
+        .filter(|l| l.who == "replica-a" && l.resource == "/nodes")
+        .map(|l| (l.verb, l.query.as_str()))
+        .collect();
+    let lists: Vec<&(&str, &str)> = node_calls.iter().filter(|c| c.0 == "list").collect();
+    assert_eq!(lists.len(), 1, "one initial LIST of nodes: {node_calls:#?}");
+    assert!(lists[0].1.contains("limit=500"), "paginated: {lists:?}");
+    assert!(
+        node_calls
+            .iter()
+            .any(|c| c.0 == "watch" && c.1.contains("allowWatchBookmarks=true")),
+        "nodes are watched with bookmarks: {node_calls:#?}"
+    );
+    assert!(
+        log.iter().any(|l| l.who == "replica-a"
+            && l.verb == "watch"
+            && l.resource == "deckhouse.io/moduleconfigs"
+            && l.query.contains("fieldSelector=metadata.name%3Ddeckhouse")),
+        "the ModuleConfig is watched by name"
+    );
+}
+
+#[tokio::test]
+async fn fake_api_answers_watches_like_kubernetes() {
+    let api = FakeApi::default();
+    let url = api.start().await;
+    let node = |n: &str| json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}});
+    api.put("api/v1/nodes/a", node("a"));
+    let http = reqwest::Client::new();
+    let first_line = |resp: reqwest::Response| async move {
+        let body = tokio::time::timeout(Duration::from_secs(5), async move {
+            let mut resp = resp;
+            let mut buf = Vec::new();
+            while let Some(chunk) = resp.chunk().await.unwrap() {
+                buf.extend_from_slice(&chunk);
+                if buf.contains(&b'\n') {
+                    break;
+                }
+            }
+            buf
+        })
+        .await
+        .expect("a watch event within 5 s");
+        let line = body.split(|b| *b == b'\n').next().unwrap().to_vec();
+        serde_json::from_slice::<Value>(&line).unwrap()
+    };
+    // Resuming from the current version: the next change arrives as an event.
+    let rv = api.get("api/v1/nodes/a").unwrap()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let w = http
+        .get(format!(
+            "{url}/api/v1/nodes?watch=true&resourceVersion={rv}&allowWatchBookmarks=true"
+        ))
+        .send()
+        .await
+        .unwrap();
+    api.put("api/v1/nodes/b", node("b"));
+    let ev = first_line(w).await;
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("b"))
+    );
+    // Idle: a BOOKMARK with the kind of the collection.
+    let rv = api.get("api/v1/nodes/b").unwrap()["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let w = http
+        .get(format!(
+            "{url}/api/v1/nodes?watch=true&resourceVersion={rv}&allowWatchBookmarks=true"
+        ))
+        .send()
+        .await
+        .unwrap();
+    let ev = first_line(w).await;
+    assert_eq!(ev["type"], "BOOKMARK");
+    assert_eq!(ev["object"]["kind"], "Node");
+    // After more changes than the history holds, the old version is gone: 410.
+    for i in 0..=fake::api::HISTORY {
+        api.update("api/v1/nodes/a", |n| {
+            n["metadata"]["labels"] = json!({"i": i.to_string()})
+        });
+    }
+    let w = http
+        .get(format!(
+            "{url}/api/v1/nodes?watch=true&resourceVersion={rv}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    let ev = first_line(w).await;
+    assert_eq!(ev["type"], "ERROR");
+    assert_eq!(ev["object"]["code"], 410);
+    // Lists page with limit/continue.
+    let page: Value = http
+        .get(format!("{url}/api/v1/nodes?limit=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    let cont = page["metadata"]["continue"].as_str().unwrap();
+    let page2: Value = http
+        .get(format!("{url}/api/v1/nodes?limit=1&continue={cont}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page2["items"][0]["metadata"]["name"], "b");
+    assert!(page2["metadata"]["continue"].is_null());
 }
