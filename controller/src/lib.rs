@@ -11,12 +11,14 @@
 //! - [`render`]: every owned object (proxy secret, Deployment, PDB, Service, `deckhouse-registry`,
 //!   `registry-bashible-config`) built from parameters, plus the node `hosts.toml` files.
 //! - [`pki`]: CA and serving leaf generation with rcgen and the renewal rule.
-//! - [`probe`]: the upstream checker and the active probe through the proxy's Service.
+//! - [`probe`]: the upstream checker's requests and the active probe through the proxy's Service.
+//! - [`checker`]: the checker as a background job whose progress the reconcile reads.
 //! - [`reconcile`]: reads the cluster, runs the machine and applies the plan (server-side apply).
 //! - [`leader`]: Lease-based leader election and the write guard ([`leader::Leadership`]).
 //! - [`run`]: the `run` loop: elector task, leader-only passes, shutdown.
 #![warn(missing_docs)]
 
+pub mod checker;
 pub mod conditions;
 pub mod config;
 pub mod consts;

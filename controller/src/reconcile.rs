@@ -19,6 +19,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::checker::BackgroundChecker;
 use crate::config::{Mode, Target, UpstreamParams, parse_module_config};
 use crate::consts::*;
 use crate::leader::Leadership;
@@ -27,6 +28,8 @@ use crate::machine::{
 };
 use crate::render::{self, BashibleConfig, ProxyInputs, ProxyPki, RegistryAccess};
 use crate::{Error, Result, pki, probe, sha256_hex, state};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// How the controller runs (from CLI flags).
 #[derive(Clone, Debug)]
@@ -77,6 +80,8 @@ pub struct Reconciler {
     leadership: Option<Leadership>,
     /// Nodes as a watch keeps them (`run`); `None`: paginated LIST per pass.
     node_store: Option<Store<Node>>,
+    /// The image checker's background job.
+    checker: BackgroundChecker,
 }
 
 /// Page size of a node LIST (client-go's pager default).
@@ -138,7 +143,20 @@ impl Reconciler {
             recorder,
             leadership: None,
             node_store: None,
+            checker: BackgroundChecker::new(CancellationToken::new(), Arc::default()),
         }
+    }
+
+    /// Background work (the checker) stops when `cancel` fires and notifies `changed` when
+    /// it has news for a pass.
+    pub fn with_background(mut self, cancel: CancellationToken, changed: Arc<Notify>) -> Self {
+        self.checker = BackgroundChecker::new(cancel, changed);
+        self
+    }
+
+    /// Stops the background checker and waits for it.
+    pub async fn shutdown(&self) {
+        self.checker.shutdown().await;
     }
 
     /// Writes only while `leadership` allows it: each write checks it first, so a pass that
@@ -460,9 +478,9 @@ impl Reconciler {
         if let (true, Some(p), Some(v)) = (needs_checker, &target_params, &checker_version) {
             let cached_ok = checker.as_ref().is_some_and(|c| &c.version == v && c.ready);
             if !cached_ok {
+                // Off the hot path: the job runs in the background; this pass sees its progress.
                 let items = probe::checker_items(p, &dh_containers, p.check_mode);
-                let client = probe::upstream_client(p)?;
-                checker = Some(probe::run_checker(&client, p, &items, v.clone()).await);
+                checker = Some(self.checker.observe(v, p, items)?);
             }
         }
         let mut probe_result = None;

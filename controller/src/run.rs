@@ -91,6 +91,7 @@ pub async fn run(client: Client, settings: Settings, opts: RunOptions, cancel: C
     .default_backoff();
     tasks.spawn(drive(mcs, changed.clone(), task_cancel.clone()));
     let reconciler = Reconciler::new(client, settings)
+        .with_background(task_cancel.clone(), changed.clone())
         .with_leadership(leadership.clone())
         .with_node_store(node_store.clone());
     {
@@ -165,6 +166,7 @@ pub async fn run(client: Client, settings: Settings, opts: RunOptions, cancel: C
     leadership.revoke();
     task_cancel.cancel();
     tasks.wait().await;
+    reconciler.shutdown().await;
     if !settled {
         tracing::warn!("stopped mid-write; lease left to expire");
         return;

@@ -534,12 +534,7 @@ async fn bad_license_makes_incluster_proxy_not_ready() {
     let env2 = setup(&[("m1", Some("default"), true)]).await;
     env2.api
         .put(MC, module_config(2, direct(&env2.reg, "wrong")));
-    env2.rec.reconcile_once().await.unwrap();
-    let c = conditions(&env2.api);
-    let ch = c
-        .iter()
-        .find(|c| c.0 == types::REGISTRY_CONTAINS_REQUIRED_IMAGES)
-        .unwrap();
+    let ch = checker_until(&env2, |m| m.contains("items with errors")).await;
     assert_eq!(ch.1, "False");
     assert!(
         ch.3.contains("1 items with errors:\n- source: deckhouse/containers/deckhouse"),
@@ -1345,7 +1340,15 @@ async fn run_loop_watches_instead_of_polling() {
         state_generation(&env.api) == Some(2)
     })
     .await;
+    // The checker's result does (it runs in the background): the transition config follows.
+    wait_for(
+        "pass on the checker's result",
+        Duration::from_secs(5),
+        || read_secret(&env.api, "registry-bashible-config").is_some(),
+    )
+    .await;
     // A node change does too (bashible reporting the transition version).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = writes_by(&env.api, "replica-a");
     simulate(&env).await;
     wait_for("pass on the node change", Duration::from_secs(5), || {
@@ -1479,4 +1482,73 @@ async fn fake_api_answers_watches_like_kubernetes() {
         .unwrap();
     assert_eq!(page2["items"][0]["metadata"]["name"], "b");
     assert!(page2["metadata"]["continue"].is_null());
+}
+
+type Cond = (String, String, String, String);
+
+/// Passes until the checker's condition message satisfies `done` (the checker runs in the
+/// background, so a pass only reads its progress).
+async fn checker_until(env: &Env, done: impl Fn(&str) -> bool) -> Cond {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        env.rec.reconcile_once().await.unwrap();
+        if let Some(c) = conditions(&env.api)
+            .into_iter()
+            .find(|c| c.0 == types::REGISTRY_CONTAINS_REQUIRED_IMAGES)
+            && done(&c.3)
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("checker never got there: {:#?}", conditions(&env.api));
+}
+
+#[tokio::test]
+async fn checker_runs_in_the_background_and_retries_failed_items() {
+    let env = setup(&[("m1", Some("default"), true)]).await;
+    // The upstream refuses the license the ModuleConfig carries, for now.
+    env.reg.set_password("not-yet");
+    env.api.put(MC, module_config(2, direct(&env.reg, "good")));
+    // The first pass does not wait for the check: it reports progress in the seed's format.
+    let started = std::time::Instant::now();
+    env.rec.reconcile_once().await.unwrap();
+    let c = conditions(&env.api);
+    let ch = c
+        .iter()
+        .find(|c| c.0 == types::REGISTRY_CONTAINS_REQUIRED_IMAGES)
+        .unwrap();
+    assert_eq!(
+        (ch.1.as_str(), ch.2.as_str()),
+        ("False", "Processing"),
+        "{ch:?}"
+    );
+    assert_eq!(
+        ch.3,
+        format!("Mode: Default\n{}: 0 of 1 items processed", env.reg.addr)
+    );
+    let failed = checker_until(&env, |m| m.contains("1 items with errors")).await;
+    assert!(
+        failed.3.starts_with(&format!(
+            "Mode: Default\n{}: 1 of 1 items processed, 1 items with errors:\n- source: deckhouse/containers/deckhouse",
+            env.reg.addr
+        )),
+        "{}",
+        failed.3
+    );
+    let requests = env.reg.manifest_requests();
+    // Passes meanwhile only read the job's state: no request of their own.
+    for _ in 0..3 {
+        env.rec.reconcile_once().await.unwrap();
+    }
+    assert_eq!(env.reg.manifest_requests(), requests);
+    // The license becomes valid: the failed item is retried after the retry delay.
+    env.reg.set_password("good");
+    let ok = checker_until(&env, |m| m.ends_with("all 1 items are checked")).await;
+    assert_eq!((ok.1.as_str(), ok.2.as_str()), ("True", "Ready"));
+    assert!(
+        started.elapsed() >= registry_controller::checker::RETRY_DELAY,
+        "retried only after the delay"
+    );
+    assert!(env.reg.manifest_requests() > requests);
 }
