@@ -356,7 +356,7 @@ impl Reconciler {
             .and_then(|s| s.cluster_ip.clone());
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), NAMESPACE);
         let leader = pods
-            .list(&ListParams::default().labels("app=deckhouse,leader=true"))
+            .list(&ListParams::default().labels(DECKHOUSE_LEADER_SELECTOR))
             .await?
             .items
             .into_iter()

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, DynamicObject};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource};
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Error;
+use crate::consts::{DECKHOUSE_LEADER_SELECTOR, DEPLOYMENT_NAME, NAMESPACE, SERVICE_NAME};
 use crate::leader::{LeaderElector, Leadership, LeaseTiming};
 use crate::reconcile::{Reconciler, Settings, module_config_resource};
 
@@ -90,6 +92,28 @@ pub async fn run(client: Client, settings: Settings, opts: RunOptions, cancel: C
     )
     .default_backoff();
     tasks.spawn(drive(mcs, changed.clone(), task_cancel.clone()));
+    // What the pipeline waits for: the proxy's rollout, the Service's ClusterIP, the deckhouse
+    // leader pod picking up `deckhouse-registry`. Each is watched by name or label, so RBAC
+    // stays pinned to these objects.
+    let by_name = |n: &str| watcher::Config::default().fields(&format!("metadata.name={n}"));
+    let deployments = watcher(
+        Api::<Deployment>::namespaced(client.clone(), NAMESPACE),
+        by_name(DEPLOYMENT_NAME),
+    )
+    .default_backoff();
+    tasks.spawn(drive(deployments, changed.clone(), task_cancel.clone()));
+    let services = watcher(
+        Api::<Service>::namespaced(client.clone(), NAMESPACE),
+        by_name(SERVICE_NAME),
+    )
+    .default_backoff();
+    tasks.spawn(drive(services, changed.clone(), task_cancel.clone()));
+    let pods = watcher(
+        Api::<Pod>::namespaced(client.clone(), NAMESPACE),
+        watcher::Config::default().labels(DECKHOUSE_LEADER_SELECTOR),
+    )
+    .default_backoff();
+    tasks.spawn(drive(pods, changed.clone(), task_cancel.clone()));
     let reconciler = Reconciler::new(client, settings)
         .with_background(task_cancel.clone(), changed.clone())
         .with_leadership(leadership.clone())

@@ -796,12 +796,12 @@ async fn rbac_grants_exactly_what_the_controller_calls() {
     assert!(unused.is_empty(), "rules no call needed: {unused:#?}");
 }
 
-/// Rules only the `run` loop needs: the Lease, and the watches (with their initial LIST of the
-/// ModuleConfig; the reconciler alone lists nodes itself).
+/// Rules only the `run` loop needs: the Lease, and the watches with their initial LIST of one
+/// named object (the reconciler alone lists nodes and the leader pod itself).
 fn run_loop_only(r: &RbacRule, verb: &str) -> bool {
     r.resources.iter().any(|x| x == "leases")
         || verb == "watch"
-        || (verb == "list" && r.resources.iter().any(|x| x == "moduleconfigs"))
+        || (verb == "list" && !r.names.is_empty())
 }
 
 /// Asserts rbac.yaml allows every request of `callers`; returns the (rule, verb) pairs used.
@@ -1383,6 +1383,22 @@ async fn run_loop_watches_instead_of_polling() {
             && l.query.contains("fieldSelector=metadata.name%3Ddeckhouse")),
         "the ModuleConfig is watched by name"
     );
+    for (resource, selector) in [
+        (
+            "apps/deployments",
+            "fieldSelector=metadata.name%3Dregistry-incluster-proxy",
+        ),
+        ("/services", "fieldSelector=metadata.name%3Dregistry"),
+        ("/pods", "labelSelector=app%3Ddeckhouse%2Cleader%3Dtrue"),
+    ] {
+        assert!(
+            log.iter().any(|l| l.who == "replica-a"
+                && l.verb == "watch"
+                && l.resource == resource
+                && l.query.contains(selector)),
+            "{resource} watched with {selector}"
+        );
+    }
 }
 
 #[tokio::test]
