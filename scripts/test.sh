@@ -42,3 +42,8 @@ bash tests/e2e/run.sh
 
 step "README demo (every README \"Pull through it\" block, offline: TLS, client auth, cache, containerd)"
 bash scripts/demo.sh
+
+if [[ ${SOAK:-0} == 1 ]]; then
+  step "soak (opt-in, about 11 min: mixed load, a faulty upstream, a full disk, restarts; docs/soak.md)"
+  bash benches/scripts/soak.sh
+fi
