@@ -1321,8 +1321,18 @@ async fn run_loop_watches_instead_of_polling() {
         state_generation(&env.api) == Some(1)
     })
     .await;
-    // Idle: no request but the Lease's (no polling of anything).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Idle: no request but the Lease's (no polling of anything), once every watch is up and
+    // their initial syncs (which may each start a pass) are over.
+    wait_for("five watches", Duration::from_secs(10), || {
+        env.api
+            .log()
+            .iter()
+            .filter(|l| l.who == "replica-a" && l.verb == "watch")
+            .count()
+            >= 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_from = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle: Vec<String> = env
