@@ -220,6 +220,8 @@ async fn open_cache(
         },
         scrub_rate: Some(config.args.cache_scrub_rate),
         scrub_interval: config.args.cache_scrub_interval,
+        fill_min_rate: Some((config.args.fill_min_rate, config.args.fill_rate_window)),
+        fill_deadline: Some(config.args.fill_deadline).filter(|d| !d.is_zero()),
         ..registry_cache::CacheConfig::default()
     };
     let cache = registry_cache::Cache::open(cfg, tasks.clone(), shutdown)
