@@ -49,7 +49,8 @@ pub(crate) const MEM_KEEP: u64 = 4 * 1024 * 1024;
 /// The most recent bytes of a fill, in the chunks the upstream delivered. Everything not yet
 /// written to the spool is here (so `base <= written` always holds), plus up to
 /// [`MEM_KEEP`] bytes already written. Per fill this is at most `MAX_UNSPOOLED + MEM_KEEP`
-/// plus one upstream batch (the permit of a single oversized batch is clamped).
+/// plus one upstream chunk (a batch above `MAX_UNSPOOLED` would have its permit clamped, but
+/// 16 chunks of hyper's ≤ ~400 KiB reads stay below it).
 #[derive(Default)]
 struct MemWindow {
     /// Blob offset of the first chunk.
