@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-15}
-FUZZ_TARGETS=${FUZZ_TARGETS:-path range challenge token_request authorization htpasswd}
+FUZZ_TARGETS=${FUZZ_TARGETS:-path range challenge token_request authorization htpasswd jwt}
 AFL_VERSION=0.18.2
 
 if ! cargo afl --version >/dev/null 2>&1; then
@@ -30,6 +30,9 @@ if ! compgen -G "$rt_dir/afl.rs-*/afl/bin/afl-fuzz" >/dev/null; then
 fi
 
 echo "fuzz: building targets"
+# Its own target dir even when the caller exports one: the instrumented build must not
+# replace the workspace's artifacts, and the binaries are run from fuzz/target below.
+export CARGO_TARGET_DIR="$PWD/fuzz/target"
 (cd fuzz && cargo afl build --release --quiet)
 
 out=${FUZZ_OUT:-$(mktemp -d /tmp/registry-fuzz.XXXXXX)}

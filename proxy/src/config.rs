@@ -8,8 +8,13 @@ use std::path::PathBuf;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _};
 use clap::{Parser, ValueEnum};
 use registry_auth::Credentials;
+pub use registry_auth::client::ClientAuthMode;
+
+pub use crate::error::ConfigError;
+pub use crate::inputs::CredentialSource;
 
 /// Deckhouse's `imagesRepo` pattern (module config schema), trailing `/` already trimmed.
 static IMAGES_REPO: LazyLock<regex::Regex> = LazyLock::new(|| {
@@ -37,18 +42,6 @@ impl Scheme {
             Self::Https => "https",
         }
     }
-}
-
-/// Who may pull through the proxy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ClientAuthMode {
-    /// Clients present the upstream credentials; anonymous when there are none
-    /// (Deckhouse's behaviour).
-    Upstream,
-    /// Anyone who reaches the port may pull.
-    None,
-    /// Users from `--htpasswd-file` (plus the upstream user).
-    Htpasswd,
 }
 
 /// When cached blobs are re-hashed on read (`registry_cache::VerifyMode`).
@@ -138,8 +131,8 @@ pub struct Args {
     #[arg(
         long,
         env = "REGISTRY_PROXY_CLIENT_AUTH",
-        value_enum,
-        default_value = "upstream"
+        default_value = "upstream",
+        value_parser = client_auth_modes().try_map(|s| s.parse::<ClientAuthMode>())
     )]
     pub client_auth: ClientAuthMode,
     /// htpasswd file (bcrypt) for --client-auth htpasswd.
@@ -251,6 +244,18 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+/// The `--client-auth` values, spelled and explained as `--help` shows them; parsed by
+/// `registry-auth`'s own [`ClientAuthMode`].
+fn client_auth_modes() -> PossibleValuesParser {
+    PossibleValuesParser::new([
+        PossibleValue::new("upstream").help(
+            "Clients present the upstream credentials; anonymous when there are none (Deckhouse's behaviour)",
+        ),
+        PossibleValue::new("none").help("Anyone who reaches the port may pull"),
+        PossibleValue::new("htpasswd").help("Users from `--htpasswd-file` (plus the upstream user)"),
+    ])
+}
+
 /// Parses `20GiB`, `512MiB`, `1000000` (bytes).
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -276,41 +281,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn parse_size_usize(s: &str) -> Result<usize, String> {
     let n = parse_size(s)?;
     usize::try_from(n).map_err(|_| format!("size {s:?} is too large"))
-}
-
-/// Why a configuration was rejected. The message is one line meant for an operator.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The command line itself is invalid (also covers `--help`/`--version`).
-    #[error("{0}")]
-    Cli(#[from] clap::Error),
-    /// A value failed validation.
-    #[error("invalid {flag}: {reason}")]
-    Invalid {
-        /// The flag at fault.
-        flag: &'static str,
-        /// Why.
-        reason: String,
-    },
-    /// A file a flag names is missing, unreadable or not what the flag needs.
-    #[error("{flag} {path} {problem}")]
-    File {
-        /// The flag naming the file.
-        flag: &'static str,
-        /// The path.
-        path: String,
-        /// What is wrong, as a predicate ("does not exist"); never the content.
-        problem: String,
-    },
-    /// A flag that would silently do nothing with the others given.
-    #[error("{flag} has no effect {why}")]
-    NoEffect {
-        /// The flag without effect.
-        flag: &'static str,
-        /// The combination that makes it moot, e.g. "without --cache-dir".
-        why: &'static str,
-    },
 }
 
 /// The upstream repository split like Deckhouse's `RegistryAddressAndPathFromImagesRepo`.
@@ -355,26 +325,156 @@ impl ImagesRepo {
     }
 }
 
-/// Validated configuration of one proxy process.
+/// The extra trusted upstream roots.
 #[derive(Clone, Debug)]
-pub struct Config {
-    /// The raw arguments, for the flags not yet wrapped in dedicated fields.
-    pub args: Args,
-    /// Upstream repository.
-    pub upstream: ImagesRepo,
+pub struct CaFile {
+    /// `--upstream-ca`.
+    pub path: PathBuf,
+    /// Its PEM content as validated at start-up.
+    pub pem: Vec<u8>,
+}
+
+/// The upstream registry and how to reach and probe it.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// `host[:port]`.
+    pub host: String,
+    /// Repository path without leading/trailing `/`, e.g. `deckhouse/ee`.
+    pub path: String,
     /// Upstream scheme.
     pub scheme: Scheme,
+    /// Extra trusted roots.
+    pub ca: Option<CaFile>,
+    /// Where the credentials come from.
+    pub credential_source: Option<CredentialSource>,
+    /// The credentials read from it.
+    pub credentials: Option<Credentials>,
+    /// Interval of the background probe.
+    pub probe_interval: Duration,
+    /// Tag or digest whose manifest the probe also checks.
+    pub probe_reference: Option<String>,
+}
+
+impl UpstreamConfig {
+    /// `scheme://host` of the upstream.
+    pub fn base(&self) -> String {
+        format!("{}://{}", self.scheme.as_str(), self.host)
+    }
+}
+
+/// Who may pull, and the files deciding it.
+#[derive(Clone, Debug)]
+pub struct ClientAuthConfig {
+    /// The mode.
+    pub mode: ClientAuthMode,
+    /// `--htpasswd-file`.
+    pub htpasswd_file: Option<PathBuf>,
+    /// `--token-key-file`; a key is generated when absent.
+    pub token_key_file: Option<PathBuf>,
+    /// Lifetime of issued client tokens.
+    pub token_ttl: Duration,
+    /// How long replaced credentials stay valid.
+    pub credential_grace: Duration,
+    /// Normalised `--realm-hosts`.
+    pub realm_hosts: Vec<String>,
+}
+
+/// The serving certificate and key files.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// The persistent cache; absent without `--cache-dir` or with `--no-cache`.
+#[derive(Clone, Debug)]
+pub struct CacheSettings {
+    /// `--cache-dir`.
+    pub dir: PathBuf,
+    /// Upper bound of the cache size.
+    pub max_size: Option<u64>,
+    /// When cached blobs are re-hashed on read.
+    pub verify: CacheVerify,
+    /// Scrub bandwidth per second (0 = no scrub).
+    pub scrub_rate: u64,
+    /// Pause between scrub passes.
+    pub scrub_interval: Duration,
+    /// Throughput floor of a fill's upstream body: `(bytes/s, window)`; `None` = off.
+    pub fill_min_rate: Option<(u64, Duration)>,
+    /// Overall deadline of one fill; `None` = none.
+    pub fill_deadline: Option<Duration>,
+    /// Pulls by tag within this window after a check skip revalidation.
+    pub tag_freshness: Duration,
+    /// Warm the layers of fetched manifests.
+    pub prefetch_layers: bool,
+}
+
+/// What one listener lets clients hold. The API's come from the flags; the ops port has
+/// fixed small ones (`edge::server`).
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// Connections served at once; further ones wait in the accept backlog.
+    pub max_connections: usize,
+    /// Responses in flight at once over all connections (until the body is sent or
+    /// dropped); a request that finds none free within 5 s gets 503 + `Retry-After`.
+    pub max_streams: usize,
+    /// h2 `SETTINGS_MAX_CONCURRENT_STREAMS` per connection.
+    pub h2_max_streams: u32,
+    /// Bytes buffered per stream towards a client that does not read (h1 write buffer,
+    /// h2 send buffer).
+    pub stream_buffer: usize,
+    /// A connection that has not sent a complete request head by then is closed.
+    pub header_read_timeout: Duration,
+    /// A connection without a request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// h2 PING interval; a peer that does not answer within `h2_keepalive_timeout` is
+    /// dropped.
+    pub h2_keepalive_interval: Duration,
+    /// See `h2_keepalive_interval`.
+    pub h2_keepalive_timeout: Duration,
+    /// Accept prior-knowledge HTTP/2 on a plain-text listener.
+    pub h2c: bool,
+}
+
+/// The API listener: its limits and how it drains.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// What clients may hold.
+    pub limits: ConnectionLimits,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// Validated configuration of one proxy process, one typed part per concern.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address of the registry API.
+    pub listen: SocketAddr,
+    /// Address of the ops port.
+    pub metrics_listen: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// The upstream.
+    pub upstream: UpstreamConfig,
     /// Client-side prefix, e.g. `system/deckhouse`.
     pub alias: String,
-    /// Upstream credentials read from their files.
-    pub credentials: Option<Credentials>,
-    /// Extra trusted upstream roots (PEM bytes).
-    pub upstream_ca: Option<Vec<u8>>,
+    /// Client authentication.
+    pub client_auth: ClientAuthConfig,
+    /// Serving certificate; plain HTTP when absent.
+    pub tls: Option<TlsFiles>,
+    /// The cache; pure pass-through when absent.
+    pub cache: Option<CacheSettings>,
+    /// Listener limits.
+    pub server: ServerConfig,
+    /// Fail `/readyz` while the upstream probe fails.
+    pub strict_readiness: bool,
+    /// How often secret and certificate files are checked for changes.
+    pub reload_interval: Duration,
     /// One line each about flags that were accepted but change nothing; the binary logs
     /// them at start-up.
     pub warnings: Vec<String>,
-    /// Normalised `--realm-hosts`.
-    pub realm_hosts: Vec<String>,
 }
 
 /// `host[:port]` in the one spelling the realm check compares: lower case, no userinfo, no
@@ -418,10 +518,18 @@ impl Config {
                 reason: format!("{:?} is not a valid repository name", args.path_alias),
             });
         }
-        let credentials = crate::inputs::credentials(
-            args.license_file.as_deref(),
-            args.username.as_deref().zip(args.password_file.as_deref()),
-        )?;
+        let credential_source = match (&args.license_file, &args.username, &args.password_file) {
+            (Some(p), _, _) => Some(CredentialSource::License(p.clone())),
+            (None, Some(u), Some(p)) => Some(CredentialSource::Password {
+                username: u.clone(),
+                file: p.clone(),
+            }),
+            _ => None,
+        };
+        let credentials = credential_source
+            .as_ref()
+            .map(crate::inputs::credentials)
+            .transpose()?;
         let upstream_ca = match &args.upstream_ca {
             Some(path) => {
                 if args.scheme == Scheme::Http {
@@ -430,7 +538,10 @@ impl Config {
                         reason: "only valid with --scheme HTTPS".to_owned(),
                     });
                 }
-                Some(crate::inputs::upstream_ca(path)?)
+                Some(CaFile {
+                    path: path.clone(),
+                    pem: crate::inputs::upstream_ca(path)?,
+                })
             }
             None => None,
         };
@@ -487,21 +598,71 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        let cache = match (&args.cache_dir, args.no_cache) {
+            (Some(dir), false) => Some(CacheSettings {
+                dir: dir.clone(),
+                max_size: args.cache_max_size,
+                verify: args.cache_verify,
+                scrub_rate: args.cache_scrub_rate,
+                scrub_interval: args.cache_scrub_interval,
+                fill_min_rate: (args.fill_min_rate > 0 && !args.fill_rate_window.is_zero())
+                    .then_some((args.fill_min_rate, args.fill_rate_window)),
+                fill_deadline: Some(args.fill_deadline).filter(|d| !d.is_zero()),
+                tag_freshness: args.tag_freshness,
+                prefetch_layers: args.prefetch_layers,
+            }),
+            _ => None,
+        };
         Ok(Self {
-            scheme: args.scheme,
-            upstream,
+            listen: args.listen,
+            metrics_listen: args.metrics_listen,
+            log_format: args.log_format,
+            upstream: UpstreamConfig {
+                host: upstream.host,
+                path: upstream.path,
+                scheme: args.scheme,
+                ca: upstream_ca,
+                credential_source,
+                credentials,
+                probe_interval: args.probe_interval,
+                probe_reference: args.probe_reference,
+            },
             alias,
-            credentials,
-            upstream_ca,
+            client_auth: ClientAuthConfig {
+                mode: args.client_auth,
+                htpasswd_file: args.htpasswd_file,
+                token_key_file: args.token_key_file,
+                token_ttl: args.token_ttl,
+                credential_grace: args.credential_grace,
+                realm_hosts,
+            },
+            tls,
+            cache,
+            server: ServerConfig {
+                limits: ConnectionLimits {
+                    max_connections: args.max_connections,
+                    max_streams: args.max_streams,
+                    h2_max_streams: args.h2_max_streams,
+                    stream_buffer: args.stream_buffer,
+                    header_read_timeout: args.header_read_timeout,
+                    idle_timeout: args.idle_timeout,
+                    h2_keepalive_interval: args.h2_keepalive_interval,
+                    h2_keepalive_timeout: args.h2_keepalive_timeout,
+                    h2c: args.h2c,
+                },
+                shutdown_grace: args.shutdown_grace,
+            },
+            strict_readiness: args.strict_readiness,
+            reload_interval: args.reload_interval,
             warnings,
-            realm_hosts,
-            args,
         })
-    }
-
-    /// `scheme://host` of the upstream.
-    pub fn upstream_base(&self) -> String {
-        format!("{}://{}", self.scheme.as_str(), self.upstream.host)
     }
 }
 
@@ -607,10 +768,10 @@ mod tests {
         let c = Config::from_args(["registry-proxy"]).unwrap();
         assert_eq!(c.upstream.host, "registry.deckhouse.io");
         assert_eq!(c.upstream.path, "deckhouse/ce");
-        assert_eq!(c.scheme, Scheme::Https);
+        assert_eq!(c.upstream.scheme, Scheme::Https);
         assert_eq!(c.alias, "system/deckhouse");
-        assert_eq!(c.args.listen.to_string(), "127.0.0.1:5001");
-        assert!(c.credentials.is_none());
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5001");
+        assert!(c.upstream.credentials.is_none());
     }
 
     #[test]
@@ -636,7 +797,7 @@ mod tests {
         let f = dir.join("license");
         std::fs::write(&f, "KEY-123\n").unwrap();
         let c = Config::from_args(["p", "--license-file", f.to_str().unwrap()]).unwrap();
-        let creds = c.credentials.unwrap();
+        let creds = c.upstream.credentials.unwrap();
         assert_eq!(creds.username, "license-token");
         assert_eq!(creds.password, "KEY-123");
         let missing = Config::from_args(["p", "--license-file", "/nonexistent/license"]);
@@ -655,9 +816,9 @@ mod tests {
     #[test]
     fn connection_limits_are_validated() {
         let c = Config::from_args(["p"]).unwrap();
-        assert_eq!(c.args.max_connections, 1024);
-        assert_eq!(c.args.stream_buffer, 64 << 10);
-        assert!(!c.args.h2c);
+        assert_eq!(c.server.limits.max_connections, 1024);
+        assert_eq!(c.server.limits.stream_buffer, 64 << 10);
+        assert!(!c.server.limits.h2c);
         for (flag, value) in [
             ("--max-connections", "0"),
             ("--max-streams", "0"),

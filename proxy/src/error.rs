@@ -11,7 +11,7 @@ use serde::Serialize;
 
 /// Whose fault an error is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// The client's request was invalid or not allowed.
     Downstream,
     /// The upstream registry failed, refused or was unreachable.
@@ -22,7 +22,7 @@ pub enum Origin {
 
 impl Origin {
     /// Metric/log label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Downstream => "downstream",
             Self::Upstream => "upstream",
@@ -33,7 +33,7 @@ impl Origin {
 
 /// An error answered to the client.
 #[derive(Clone, Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -83,33 +83,28 @@ impl ApiError {
     }
 
     /// Adds a JSON `detail`.
-    pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
+    pub(crate) fn with_detail(mut self, detail: serde_json::Value) -> Self {
         self.extra_mut().detail = Some(detail);
         self
     }
 
     /// The OCI error code.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         self.code
     }
 
     /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         self.status
     }
 
-    /// Whose fault it is.
-    pub fn origin(&self) -> Origin {
-        self.origin
-    }
-
     /// The message (no secrets by construction).
-    pub fn message(&self) -> &str {
+    pub(crate) fn message(&self) -> &str {
         &self.message
     }
 
     /// `400 NAME_INVALID`.
-    pub fn name_invalid(name: &str) -> Self {
+    pub(crate) fn name_invalid(name: &str) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
             "NAME_INVALID",
@@ -120,7 +115,7 @@ impl ApiError {
     }
 
     /// `400 DIGEST_INVALID`.
-    pub fn digest_invalid(digest: &str) -> Self {
+    pub(crate) fn digest_invalid(digest: &str) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
             "DIGEST_INVALID",
@@ -131,7 +126,7 @@ impl ApiError {
     }
 
     /// `400 MANIFEST_INVALID` for a reference that is neither a tag nor a digest.
-    pub fn manifest_invalid_reference(reference: &str) -> Self {
+    pub(crate) fn manifest_invalid_reference(reference: &str) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
             "MANIFEST_INVALID",
@@ -142,7 +137,7 @@ impl ApiError {
     }
 
     /// `404 NOT_FOUND` for a path outside the read API.
-    pub fn not_found_route() -> Self {
+    pub(crate) fn not_found_route() -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
@@ -152,7 +147,7 @@ impl ApiError {
     }
 
     /// `404 NAME_UNKNOWN` for a repository outside the alias.
-    pub fn name_unknown(name: &str, alias: &str) -> Self {
+    pub(crate) fn name_unknown(name: &str, alias: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "NAME_UNKNOWN",
@@ -163,7 +158,7 @@ impl ApiError {
     }
 
     /// `405 UNSUPPORTED`: the proxy is read-only.
-    pub fn unsupported_method() -> Self {
+    pub(crate) fn unsupported_method() -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "UNSUPPORTED",
@@ -173,7 +168,7 @@ impl ApiError {
     }
 
     /// `401 UNAUTHORIZED` with the challenge to answer.
-    pub fn unauthorized(challenge: HeaderValue, message: &str) -> Self {
+    pub(crate) fn unauthorized(challenge: HeaderValue, message: &str) -> Self {
         let mut e = Self::new(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
@@ -184,13 +179,8 @@ impl ApiError {
         e
     }
 
-    /// `403 DENIED`.
-    pub fn denied(message: &str) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "DENIED", message, Origin::Downstream)
-    }
-
     /// `400` for a malformed request that is none of the above.
-    pub fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
             "UNSUPPORTED",
@@ -200,7 +190,7 @@ impl ApiError {
     }
 
     /// `416` for a Range outside the blob.
-    pub fn range_not_satisfiable(len: u64) -> Self {
+    pub(crate) fn range_not_satisfiable(len: u64) -> Self {
         Self::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
             "BLOB_UNKNOWN",
@@ -211,7 +201,7 @@ impl ApiError {
     }
 
     /// Upstream 404 (or any 404 we synthesise for content): kept a 404 with the right code.
-    pub fn upstream_not_found(code: &'static str, what: &str) -> Self {
+    pub(crate) fn upstream_not_found(code: &'static str, what: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             code,
@@ -221,7 +211,7 @@ impl ApiError {
     }
 
     /// Upstream 429: passed on with `Retry-After`, so clients back off as the upstream asked.
-    pub fn upstream_rate_limited(retry_after: Option<HeaderValue>) -> Self {
+    pub(crate) fn upstream_rate_limited(retry_after: Option<HeaderValue>) -> Self {
         let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "TOOMANYREQUESTS",
@@ -234,7 +224,7 @@ impl ApiError {
 
     /// Upstream 401/403 after our credentials were sent: the proxy's own credentials are
     /// wrong or expired. A 5xx so clients neither re-authenticate nor conclude "not found".
-    pub fn upstream_denied(status: u16) -> Self {
+    pub(crate) fn upstream_denied(status: u16) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,
             "DENIED",
@@ -246,7 +236,7 @@ impl ApiError {
     }
 
     /// Upstream 5xx or an unexpected status.
-    pub fn upstream_status(status: u16) -> Self {
+    pub(crate) fn upstream_status(status: u16) -> Self {
         let ours = if status == 503 {
             StatusCode::SERVICE_UNAVAILABLE
         } else if status == 504 {
@@ -263,7 +253,7 @@ impl ApiError {
     }
 
     /// Upstream unreachable (DNS, connect, TLS, reset before headers).
-    pub fn upstream_unreachable(reason: &str) -> Self {
+    pub(crate) fn upstream_unreachable(reason: &str) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,
             "UNKNOWN",
@@ -273,7 +263,7 @@ impl ApiError {
     }
 
     /// Upstream did not answer in time.
-    pub fn upstream_timeout() -> Self {
+    pub(crate) fn upstream_timeout() -> Self {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,
             "UNKNOWN",
@@ -283,7 +273,7 @@ impl ApiError {
     }
 
     /// Upstream token service failed.
-    pub fn upstream_auth(reason: &str) -> Self {
+    pub(crate) fn upstream_auth(reason: &str) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,
             "UNKNOWN",
@@ -293,7 +283,7 @@ impl ApiError {
     }
 
     /// Content from the upstream or the cache did not match its digest.
-    pub fn integrity(message: &str) -> Self {
+    pub(crate) fn integrity(message: &str) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,
             "UNKNOWN",
@@ -303,7 +293,7 @@ impl ApiError {
     }
 
     /// Our own failure.
-    pub fn internal(message: &str) -> Self {
+    pub(crate) fn internal(message: &str) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "UNKNOWN",
@@ -313,7 +303,7 @@ impl ApiError {
     }
 
     /// Shutting down.
-    pub fn unavailable(message: &str) -> Self {
+    pub(crate) fn unavailable(message: &str) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "UNAVAILABLE",
@@ -323,7 +313,7 @@ impl ApiError {
     }
 
     /// Every response slot is taken (`--max-streams`): the client should retry shortly.
-    pub fn busy() -> Self {
+    pub(crate) fn busy() -> Self {
         let mut e = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "UNAVAILABLE",
@@ -335,7 +325,7 @@ impl ApiError {
     }
 
     /// The JSON body.
-    pub fn body(&self) -> String {
+    pub(crate) fn body(&self) -> String {
         let body = Body {
             errors: [Item {
                 code: self.code,
@@ -398,7 +388,7 @@ impl IntoResponse for ApiError {
 
 /// Attached to error responses so the logging layer can label them.
 #[derive(Clone, Copy, Debug)]
-pub struct ErrorInfo {
+pub(crate) struct ErrorInfo {
     /// OCI error code.
     pub code: &'static str,
     /// Whose fault.
@@ -424,6 +414,41 @@ pub enum Error {
     /// Client authentication could not be set up.
     #[error("auth: {0}")]
     Auth(#[from] registry_auth::Error),
+}
+
+/// Why a configuration was rejected. The message is one line meant for an operator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The command line itself is invalid (also covers `--help`/`--version`).
+    #[error("{0}")]
+    Cli(#[from] clap::Error),
+    /// A value failed validation.
+    #[error("invalid {flag}: {reason}")]
+    Invalid {
+        /// The flag at fault.
+        flag: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A file a flag names is missing, unreadable or not what the flag needs.
+    #[error("{flag} {path} {problem}")]
+    File {
+        /// The flag naming the file.
+        flag: &'static str,
+        /// The path.
+        path: String,
+        /// What is wrong, as a predicate ("does not exist"); never the content.
+        problem: String,
+    },
+    /// A flag that would silently do nothing with the others given.
+    #[error("{flag} has no effect {why}")]
+    NoEffect {
+        /// The flag without effect.
+        flag: &'static str,
+        /// The combination that makes it moot, e.g. "without --cache-dir".
+        why: &'static str,
+    },
 }
 
 #[cfg(test)]

@@ -8,20 +8,65 @@
 //! CERTIFICATE)"); they never quote a file's content.
 
 use std::io::ErrorKind;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
+
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use registry_auth::Credentials;
 use registry_auth::client::{Htpasswd, SigningKey};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
+
+/// Where the upstream credentials come from: chosen once from the flags, read at start-up
+/// and again on every change of the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// `--license-file`: the user is `license-token`.
+    License(PathBuf),
+    /// `--username` with `--password-file`.
+    Password {
+        /// The upstream user.
+        username: String,
+        /// The file holding the password.
+        file: PathBuf,
+    },
+}
+
+impl CredentialSource {
+    /// The watched file.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::License(p) | Self::Password { file: p, .. } => p,
+        }
+    }
+
+    /// The flag naming the file.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            Self::License(_) => "--license-file",
+            Self::Password { .. } => "--password-file",
+        }
+    }
+
+    /// Parses the file's content: the same loader at start-up and on reload, so a file
+    /// means the same credentials both times.
+    pub fn parse(&self, bytes: &[u8]) -> Result<Credentials, registry_auth::Error> {
+        match self {
+            Self::License(_) => Credentials::from_license(bytes),
+            Self::Password { username, .. } => Credentials::from_password_file(username, bytes),
+        }
+    }
+}
 
 /// Reads a file a flag names (secrets included: the content never appears in errors).
-pub fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+pub(crate) fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(path).map_err(|e| file_error(flag, path, &e))
 }
 
 /// An I/O failure on `path` as a predicate on the file ("does not exist").
-pub fn file_error(flag: &'static str, path: &Path, e: &std::io::Error) -> ConfigError {
+pub(crate) fn file_error(flag: &'static str, path: &Path, e: &std::io::Error) -> ConfigError {
     let problem = match e.kind() {
         ErrorKind::NotFound => "does not exist".to_owned(),
         ErrorKind::PermissionDenied => "is not readable (permission denied)".to_owned(),
@@ -75,16 +120,12 @@ fn pem_found(bytes: &[u8]) -> String {
 }
 
 fn has_private_key(bytes: &[u8]) -> bool {
-    use rustls_pki_types::PrivateKeyDer;
-    use rustls_pki_types::pem::PemObject;
     PrivateKeyDer::from_pem_slice(bytes).is_ok()
 }
 
 /// The serving certificate and key: both readable, a chain in one, a private key in the
 /// other, and the two matching.
-pub fn tls(cert: &Path, key: &Path) -> Result<(), ConfigError> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
+pub(crate) fn tls(cert: &Path, key: &Path) -> Result<(), ConfigError> {
     let cert_pem = read("--tls-cert", cert)?;
     let key_pem = read("--tls-key", key)?;
     let chain_ok = CertificateDer::pem_slice_iter(&cert_pem)
@@ -106,17 +147,15 @@ pub fn tls(cert: &Path, key: &Path) -> Result<(), ConfigError> {
             format!("is not a PEM private key (found: {found})"),
         ));
     }
-    crate::tls::certified_key_from_pem(&cert_pem, &key_pem).map_err(|reason| {
-        ConfigError::Invalid {
-            flag: "--tls-cert/--tls-key",
-            reason: format!("{} and {}: {reason}", cert.display(), key.display()),
-        }
+    certified_key_from_pem(&cert_pem, &key_pem).map_err(|reason| ConfigError::Invalid {
+        flag: "--tls-cert/--tls-key",
+        reason: format!("{} and {}: {reason}", cert.display(), key.display()),
     })?;
     Ok(())
 }
 
 /// The client token signing key: a PEM private key of a supported type.
-pub fn token_key(path: &Path) -> Result<(), ConfigError> {
+pub(crate) fn token_key(path: &Path) -> Result<(), ConfigError> {
     const FLAG: &str = "--token-key-file";
     let pem = read(FLAG, path)?;
     if !has_private_key(&pem) {
@@ -133,7 +172,7 @@ pub fn token_key(path: &Path) -> Result<(), ConfigError> {
 }
 
 /// The htpasswd file: bcrypt entries only.
-pub fn htpasswd(path: &Path) -> Result<(), ConfigError> {
+pub(crate) fn htpasswd(path: &Path) -> Result<(), ConfigError> {
     const FLAG: &str = "--htpasswd-file";
     let bytes = read(FLAG, path)?;
     Htpasswd::from_bytes(&bytes).map(drop).map_err(|e| {
@@ -145,43 +184,24 @@ pub fn htpasswd(path: &Path) -> Result<(), ConfigError> {
     })
 }
 
-/// The upstream credentials from `--license-file` or `--username` + `--password-file`.
-pub fn credentials(
-    license: Option<&Path>,
-    user: Option<(&str, &Path)>,
-) -> Result<Option<Credentials>, ConfigError> {
-    // The same loaders as the live reload, so a file means the same credentials at
-    // start-up and after a Secret update.
-    if let Some(path) = license {
-        let bytes = read("--license-file", path)?;
-        let creds = Credentials::from_license(&bytes).map_err(|e| {
-            bad(
-                "--license-file",
-                path,
-                format!("is not a license: {}", auth_reason(e)),
-            )
-        })?;
-        return Ok(Some(creds));
-    }
-    if let Some((user, path)) = user {
-        let bytes = read("--password-file", path)?;
-        let creds = Credentials::from_password_file(user, &bytes).map_err(|e| {
-            bad(
-                "--password-file",
-                path,
-                format!("is not usable: {}", auth_reason(e)),
-            )
-        })?;
-        return Ok(Some(creds));
-    }
-    Ok(None)
+/// The upstream credentials from their file, read with the loader the live reload uses.
+pub(crate) fn credentials(source: &CredentialSource) -> Result<Credentials, ConfigError> {
+    let (flag, path) = (source.flag(), source.path());
+    let bytes = read(flag, path)?;
+    source.parse(&bytes).map_err(|e| {
+        let what = match source {
+            CredentialSource::License(_) => "is not a license",
+            CredentialSource::Password { .. } => "is not usable",
+        };
+        bad(flag, path, format!("{what}: {}", auth_reason(e)))
+    })
 }
 
 /// The upstream CA bundle: at least one PEM certificate.
-pub fn upstream_ca(path: &Path) -> Result<Vec<u8>, ConfigError> {
+pub(crate) fn upstream_ca(path: &Path) -> Result<Vec<u8>, ConfigError> {
     const FLAG: &str = "--upstream-ca";
     let pem = read(FLAG, path)?;
-    if crate::tls::parse_ca_bundle(&pem).is_err() {
+    if parse_ca_bundle(&pem).is_err() {
         let found = pem_found(&pem);
         return Err(bad(
             FLAG,
@@ -193,7 +213,7 @@ pub fn upstream_ca(path: &Path) -> Result<Vec<u8>, ConfigError> {
 }
 
 /// The cache directory: created when missing, and then a directory we can write to.
-pub fn cache_dir(dir: &Path) -> Result<(), ConfigError> {
+pub(crate) fn cache_dir(dir: &Path) -> Result<(), ConfigError> {
     const FLAG: &str = "--cache-dir";
     if !dir.is_absolute() && dir.components().any(|c| matches!(c, Component::ParentDir)) {
         return Err(bad(FLAG, dir, "must not contain '..'".to_owned()));
@@ -246,6 +266,41 @@ pub fn cache_dir(dir: &Path) -> Result<(), ConfigError> {
     }
 }
 
+/// Checks that `pem` holds at least one certificate.
+pub(crate) fn parse_ca_bundle(pem: &[u8]) -> Result<usize, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+    let certs = certs.map_err(|e| format!("invalid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate found".to_owned());
+    }
+    Ok(certs.len())
+}
+
+/// Loads a certificate chain and its private key (PKCS#1, SEC1 or PKCS#8 PEM).
+pub(crate) fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let cert_pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key_pem = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    certified_key_from_pem(&cert_pem, &key_pem)
+}
+
+/// Builds a [`CertifiedKey`] from PEM bytes, checking that key and certificate match.
+pub(crate) fn certified_key_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, String> {
+    let chain: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(cert_pem).collect();
+    let chain = chain.map_err(|e| format!("invalid certificate PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no certificate in the certificate file".to_owned());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("invalid private key PEM: {e}"))?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let ck = CertifiedKey::from_der(chain, key, &provider)
+        .map_err(|e| format!("certificate and key do not match: {e}"))?;
+    Ok(ck)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,5 +315,11 @@ mod tests {
         assert_eq!(pem_found(two), "CERTIFICATE");
         let odd = b"-----BEGIN secret-value-----\n";
         assert_eq!(pem_found(odd), "text without PEM blocks");
+    }
+
+    #[test]
+    fn rejects_bad_pem() {
+        assert!(parse_ca_bundle(b"not pem").is_err());
+        assert!(certified_key_from_pem(b"", b"").is_err());
     }
 }

@@ -3,44 +3,33 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: command line and environment, validated into a [`Config`] before any
-//!   port is bound; [`inputs`]: the checks of every file a flag names (keys,
-//!   certificates, credentials, the cache directory).
-//! - [`path`]: the `/v2/` path grammar, name/tag/digest validation and the
-//!   `system/deckhouse` alias.
-//! - [`routes`]: the API handlers: validate, map, authorise, answer from the upstream.
-//! - [`range`]: `Range`, `If-Range` and `If-None-Match` against a digest's ETag.
-//! - [`cached`]: serving blobs and manifests through `registry-cache` (hits, single-flight
-//!   streaming misses, tag revalidation with stale-if-error, prefetch).
-//! - [`client_auth`]: `/auth/token`, the client check in front of `/v2/` and live reload
-//!   of secret files (decisions in `registry-auth`).
-//! - [`upstream`]: the upstream client (reqwest + `registry-auth`'s token cache).
-//! - [`error`]: every client-visible error mapped to a status and an OCI error body, in one
-//!   place.
-//! - [`observe`]: per-request metrics and the access log line; [`metrics`]: the families.
-//! - [`ops`]: the plain-HTTP port with `/metrics`, `/healthz`, `/readyz`; [`probe`]: the
-//!   background upstream probe behind `/readyz` and the probe metrics.
-//! - [`server`]: listeners, TLS, HTTP/1.1 + HTTP/2, graceful shutdown; [`tls`]: the
-//!   serving certificate.
+//! The crate root wires the layers and serves; each folder is one layer and imports only
+//! point down (to a later line of this list, or to the leaf modules at the end):
 //!
-//! The binary (`src/main.rs`) only parses flags, sets up logging and signals, and calls
-//! [`run`].
+//! - [`run`] (here) and `secrets`: build every part from the [`Config`], start the
+//!   background work, serve until shutdown; live reload of the secret files.
+//! - `api/`: the OCI read API, one module per endpoint (blobs, manifests, tags,
+//!   referrers), the router in front of them, ranges, the proxy's use of the cache.
+//! - `edge/`: listeners, TLS, the client check and `/auth/token`.
+//! - `upstream/`: the typed client of the upstream registry, the cache's blob source, tag
+//!   revalidation, the probe.
+//! - `ops/`: metrics, the access log, the ops port with `/readyz`.
+//! - Leaves: [`config`] (flags into typed parts; `inputs` checks every file a flag
+//!   names), `path` (the `/v2/` grammar and the alias), `error` (every client-visible
+//!   error rendered to OCI JSON in one place).
+//!
+//! The binary (`src/main.rs`) only parses flags, sets up logging and signals, binds the
+//! listeners and calls [`run`].
 
-pub mod cached;
-pub mod client_auth;
+mod api;
 pub mod config;
-pub mod error;
-pub mod inputs;
-pub mod metrics;
-pub mod observe;
-pub mod ops;
-pub mod path;
-pub mod probe;
-pub mod range;
-pub mod routes;
-pub mod server;
-pub mod tls;
-pub mod upstream;
+mod edge;
+mod error;
+mod inputs;
+mod ops;
+mod path;
+mod secrets;
+mod upstream;
 
 use std::sync::Arc;
 
@@ -51,6 +40,19 @@ use tracing::Instrument as _;
 pub use config::Config;
 pub use error::Error;
 
+/// Loads the client authentication files (token key, htpasswd) exactly as [`run`] does,
+/// for checks of a rendered configuration without serving it.
+pub fn load_client_auth(config: &Config) -> Result<(), Error> {
+    let metrics = Arc::new(ops::metrics::Metrics::new());
+    edge::auth::build(
+        &config.client_auth,
+        config.upstream.credentials.clone(),
+        config.tls.is_some(),
+        metrics,
+    )
+    .map(drop)
+}
+
 /// Runs the proxy on already bound listeners until `shutdown` is cancelled and in-flight
 /// requests have drained (bounded by `--shutdown-grace`).
 pub async fn run(
@@ -59,8 +61,8 @@ pub async fn run(
     metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let metrics = Arc::new(metrics::Metrics::new());
-    let upstream = upstream::Upstream::new(&config, metrics.clone())?;
+    let metrics = Arc::new(ops::metrics::Metrics::new());
+    let upstream = upstream::Upstream::new(&config.upstream, metrics.clone())?;
     let tasks = tokio_util::task::TaskTracker::new();
     // Background work (fills, probe, reload) stops only after the listeners have
     // drained: a fill feeding an in-flight response must outlive the shutdown signal.
@@ -68,86 +70,90 @@ pub async fn run(
     let _stop_background = background.clone().drop_guard();
     let cache = open_cache(&config, tasks.clone(), background.clone()).await?;
     if let Some(layer) = &cache {
-        let c = layer.cache().clone();
+        let c = layer.cache.clone();
         metrics.set_stats_source(Box::new(move || c.stats()));
     }
-    let probe = probe::Probe::default();
-    tasks.spawn(probe::run(
+    let probe = ops::health::Probe::default();
+    tasks.spawn(upstream::probe::run(
         probe.clone(),
         upstream.clone(),
         config.upstream.path.clone(),
-        config.args.probe_reference.clone(),
-        config.args.probe_interval,
+        config.upstream.probe_reference.clone(),
+        config.upstream.probe_interval,
         metrics.clone(),
         background.clone(),
     ));
-    let edge = client_auth::build(&config, metrics.clone())?;
-    let (tls, cert) = match (&config.args.tls_cert, &config.args.tls_key) {
-        (Some(cert), Some(key)) => {
-            let ck = tls::load_certified_key(cert, key).map_err(Error::Tls)?;
+    let edge = edge::auth::build(
+        &config.client_auth,
+        config.upstream.credentials.clone(),
+        config.tls.is_some(),
+        metrics.clone(),
+    )?;
+    let (tls, cert) = match &config.tls {
+        Some(files) => {
+            let ck = inputs::load_certified_key(&files.cert, &files.key).map_err(Error::Tls)?;
             metrics
                 .cert_expiry
-                .set(tls::leaf_not_after(&ck).unwrap_or(0));
-            let reloadable = Arc::new(tls::ReloadableCert::new(ck));
-            let server_config = tls::server_config(reloadable.clone()).map_err(Error::Tls)?;
+                .set(edge::tls::leaf_not_after(&ck).unwrap_or(0));
+            let reloadable = Arc::new(edge::tls::ReloadableCert::new(ck));
+            let server_config = edge::tls::server_config(reloadable.clone()).map_err(Error::Tls)?;
             (
                 Some(tokio_rustls::TlsAcceptor::from(Arc::new(server_config))),
                 Some(reloadable),
             )
         }
-        _ => (None, None),
+        None => (None, None),
     };
-    client_auth::spawn_reloader(
+    secrets::spawn_reloader(
         &config,
-        client_auth::Reloadables {
-            edge: Some(edge.clone()),
+        secrets::Reloadables {
+            edge: edge.clone(),
             upstream: upstream.clone(),
             cert,
             metrics: metrics.clone(),
         },
-        config.args.reload_interval,
         &tasks,
         background.clone(),
     );
-    let state = routes::AppState {
+    let state = api::state::AppState {
         edge,
         upstream,
         alias: path::Alias::new(&config.alias, &config.upstream.path),
         metrics: metrics.clone(),
         cache,
     };
-    let ready = ops::Readiness::default();
-    let app = routes::app(state).layer(axum::middleware::from_fn_with_state(
+    let ready = ops::health::Readiness::default();
+    let app = api::router::app(state).layer(axum::middleware::from_fn_with_state(
         metrics.clone(),
-        observe::layer,
+        ops::access_log::layer,
     ));
     let ops_stop = CancellationToken::new();
     let ops_task = metrics_listener.map(|l| {
-        tracing::info!(addr = %server::local(&l), "serving metrics and health");
-        let ops_app = ops::app(
+        tracing::info!(addr = %edge::server::local(&l), "serving metrics and health");
+        let ops_app = ops::health::app(
             metrics.clone(),
             ready.clone(),
             probe.clone(),
-            config.args.strict_readiness,
+            config.strict_readiness,
         );
         // The ops port outlives the API's drain so that `/readyz` can answer 503 (not
         // refuse connections) while in-flight pulls finish.
         tokio::spawn(
-            server::serve(
+            edge::server::serve(
                 l,
                 ops_app,
                 None,
                 ops_stop.clone(),
                 std::time::Duration::from_secs(1),
-                server::Limits::ops(),
+                edge::server::Limits::ops(),
             )
             .instrument(tracing::info_span!("serve", listener = "metrics")),
         )
     });
     tracing::info!(
-        addr = %server::local(&listener),
+        addr = %edge::server::local(&listener),
         tls = tls.is_some(),
-        upstream = %config.upstream_base(),
+        upstream = %config.upstream.base(),
         path = %config.upstream.path,
         alias = %config.alias,
         "serving registry API"
@@ -164,13 +170,13 @@ pub async fn run(
             }
         });
     }
-    let limits = server::Limits::from_args(&config.args);
-    let result = server::serve(
+    let limits = edge::server::Limits::api(&config.server.limits);
+    let result = edge::server::serve(
         listener,
         app,
         tls,
         shutdown,
-        config.args.shutdown_grace,
+        config.server.shutdown_grace,
         limits,
     )
     // The span names the listener in its shutdown lines: both drain the same way.
@@ -200,38 +206,69 @@ async fn open_cache(
     config: &Config,
     tasks: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
-) -> Result<Option<cached::CacheLayer>, Error> {
-    let dir = match (&config.args.cache_dir, config.args.no_cache) {
-        (Some(d), false) => d.clone(),
-        _ => {
-            tracing::info!("no cache: streaming every request from the upstream");
-            return Ok(None);
-        }
+) -> Result<Option<api::cache::CacheLayer>, Error> {
+    let Some(settings) = &config.cache else {
+        tracing::info!("no cache: streaming every request from the upstream");
+        return Ok(None);
     };
     let cfg = registry_cache::CacheConfig {
-        dir: dir.clone(),
-        max_size: config.args.cache_max_size,
+        dir: settings.dir.clone(),
+        max_size: settings.max_size,
         // docs/operations.md: "Default size cap".
         auto_max_size: Some(0.8),
         persist: true,
-        verify: match config.args.cache_verify {
+        verify: match settings.verify {
             config::CacheVerify::Always => registry_cache::VerifyMode::Always,
             config::CacheVerify::FirstRead => registry_cache::VerifyMode::FirstRead,
         },
-        scrub_rate: Some(config.args.cache_scrub_rate),
-        scrub_interval: config.args.cache_scrub_interval,
-        fill_min_rate: Some((config.args.fill_min_rate, config.args.fill_rate_window)),
-        fill_deadline: Some(config.args.fill_deadline).filter(|d| !d.is_zero()),
+        scrub_rate: Some(settings.scrub_rate),
+        scrub_interval: settings.scrub_interval,
+        fill_min_rate: settings.fill_min_rate,
+        fill_deadline: settings.fill_deadline,
         ..registry_cache::CacheConfig::default()
     };
     let cache = registry_cache::Cache::open(cfg, tasks.clone(), shutdown)
         .await
         .map_err(|e| Error::Cache(e.to_string()))?;
-    tracing::info!(dir = %dir.display(), "cache ready");
-    Ok(Some(cached::CacheLayer::new(
+    tracing::info!(dir = %settings.dir.display(), "cache ready");
+    Ok(Some(api::cache::CacheLayer::new(
         cache,
-        config.args.tag_freshness,
-        config.args.prefetch_layers,
+        settings.tag_freshness,
+        settings.prefetch_layers,
         tasks,
     )))
+}
+
+/// Entry points of the fuzz targets (`fuzz/`): the pure parsers that read client input.
+#[doc(hidden)]
+pub mod fuzz {
+    /// The repository name of a `/v2/` path that parses and names one.
+    pub fn route_name(rest: &str) -> Option<String> {
+        crate::path::parse(rest)
+            .ok()
+            .and_then(|r| r.name().map(str::to_owned))
+    }
+
+    /// Whether `name` is a repository name by the rules the configuration uses.
+    pub fn valid_name(name: &str) -> bool {
+        crate::path::valid_name(name)
+    }
+
+    /// Whether `s` is a tag.
+    pub fn valid_tag(s: &str) -> bool {
+        crate::path::valid_tag(s)
+    }
+
+    /// Whether `s` is a digest the proxy accepts.
+    pub fn valid_digest(s: &str) -> bool {
+        crate::path::parse_digest(s).is_ok()
+    }
+
+    /// The served range of a `Range` value against `len` bytes, if one.
+    pub fn range(value: &str, len: u64) -> Option<(u64, u64)> {
+        match crate::api::range::parse(value, len) {
+            crate::api::range::Wanted::Range(s, e) => Some((s, e)),
+            _ => None,
+        }
+    }
 }

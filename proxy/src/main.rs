@@ -108,8 +108,8 @@ fn fatal(format: LogFormat, e: &dyn std::fmt::Display, code: u8) -> ExitCode {
 }
 
 async fn bind_both(config: &Config) -> Result<(TcpListener, TcpListener), String> {
-    let api = bind("--listen", config.args.listen).await?;
-    let metrics = bind("--metrics-listen", config.args.metrics_listen).await?;
+    let api = bind("--listen", config.listen).await?;
+    let metrics = bind("--metrics-listen", config.metrics_listen).await?;
     Ok((api, metrics))
 }
 

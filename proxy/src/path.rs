@@ -28,18 +28,18 @@ static TAG: LazyLock<regex::Regex> = LazyLock::new(|| {
 });
 
 /// Whether `name` is a repository name per the distribution spec.
-pub fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     name.len() <= MAX_NAME_LEN && NAME.is_match(name)
 }
 
 /// Whether `tag` is a tag per the distribution spec.
-pub fn valid_tag(tag: &str) -> bool {
+pub(crate) fn valid_tag(tag: &str) -> bool {
     TAG.is_match(tag)
 }
 
 /// A manifest reference: a tag or a digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reference {
+pub(crate) enum Reference {
     /// By tag: resolved upstream on every pull unless the cache says otherwise.
     Tag(String),
     /// By digest: immutable.
@@ -57,7 +57,7 @@ impl std::fmt::Display for Reference {
 
 /// One endpoint of the read API, with the client-side repository name.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// `/v2/`
     Base,
     /// `/v2/<name>/manifests/<reference>`
@@ -90,7 +90,7 @@ pub enum Route {
 
 impl Route {
     /// Bounded label for metrics and logs.
-    pub fn template(&self) -> &'static str {
+    pub(crate) fn template(&self) -> &'static str {
         match self {
             Self::Base => "v2",
             Self::Manifest { .. } => "manifest",
@@ -101,7 +101,7 @@ impl Route {
     }
 
     /// The client-side repository name, if the route has one.
-    pub fn name(&self) -> Option<&str> {
+    pub(crate) fn name(&self) -> Option<&str> {
         match self {
             Self::Base => None,
             Self::Manifest { name, .. }
@@ -114,7 +114,7 @@ impl Route {
 
 /// Parses a digest strictly: a known algorithm and an encoded part of the right length in
 /// lower-case hex. Anything else is `DIGEST_INVALID`.
-pub fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+pub(crate) fn parse_digest(s: &str) -> Result<Digest, ApiError> {
     let digest: Digest = s.parse().map_err(|_| ApiError::digest_invalid(s))?;
     let hex_len = match digest.algorithm().as_ref() {
         "sha256" => 64,
@@ -134,7 +134,7 @@ pub fn parse_digest(s: &str) -> Result<Digest, ApiError> {
 }
 
 /// Parses what follows `/v2/` (no query string).
-pub fn parse(rest: &str) -> Result<Route, ApiError> {
+pub(crate) fn parse(rest: &str) -> Result<Route, ApiError> {
     if rest.is_empty() {
         return Ok(Route::Base);
     }
@@ -178,14 +178,14 @@ pub fn parse(rest: &str) -> Result<Route, ApiError> {
 
 /// Maps client-side names under the alias to upstream names under the imagesRepo path.
 #[derive(Clone, Debug)]
-pub struct Alias {
+pub(crate) struct Alias {
     local: String,
     remote: String,
 }
 
 impl Alias {
     /// `local` e.g. `system/deckhouse`, `remote` e.g. `deckhouse/ee`; both validated names.
-    pub fn new(local: &str, remote: &str) -> Self {
+    pub(crate) fn new(local: &str, remote: &str) -> Self {
         Self {
             local: local.to_owned(),
             remote: remote.to_owned(),
@@ -193,14 +193,14 @@ impl Alias {
     }
 
     /// The client-side prefix.
-    pub fn local(&self) -> &str {
+    pub(crate) fn local(&self) -> &str {
         &self.local
     }
 
     /// `system/deckhouse` -> `deckhouse/ee`, `system/deckhouse/install` ->
     /// `deckhouse/ee/install`; `None` for anything else, including `system/deckhousefoo`
     /// (Deckhouse's prefix check lacked the `/` boundary).
-    pub fn to_remote(&self, name: &str) -> Option<String> {
+    pub(crate) fn to_remote(&self, name: &str) -> Option<String> {
         if name == self.local {
             return Some(self.remote.clone());
         }
@@ -210,7 +210,7 @@ impl Alias {
 
     /// Inverse of [`Alias::to_remote`], for names the upstream echoes back (tag lists,
     /// `Link` headers).
-    pub fn to_local(&self, remote_name: &str) -> Option<String> {
+    pub(crate) fn to_local(&self, remote_name: &str) -> Option<String> {
         if remote_name == self.remote {
             return Some(self.local.clone());
         }

@@ -8,7 +8,6 @@
 //! upstream that goes down, a Prometheus text reader, and a child-process proxy for kill -9.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -97,44 +96,7 @@ pub(super) async fn cached_proxy(
     start_proxy(&args).await
 }
 
-/// Reads one sample from the proxy's Prometheus text: the sum over series of `name` whose
-/// labels include all of `labels` (0 when absent).
-pub(super) async fn metric(px: &ProxyHandle, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = test_client()
-        .get(px.metrics_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    sum_metric(&text, name, labels)
-}
-
-pub(super) fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, set) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let have: HashMap<&str, &str> = set
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.trim(), v.trim_matches('"')))
-            .collect();
-        if labels.iter().all(|(k, v)| have.get(k) == Some(v)) {
-            sum += value.parse::<f64>().unwrap_or(0.0);
-        }
-    }
-    sum
-}
+pub(super) use registry_tests::metrics::{metric, sum_metric};
 
 /// Polls `cond` every 20 ms for at most `bound`; panics with `what` on timeout.
 pub(super) async fn wait_until<F, Fut>(bound: Duration, what: &str, mut cond: F)

@@ -347,14 +347,8 @@ impl TmpfsProxy {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let text = test_client()
-            .get(format!("http://{}/metrics", self.metrics))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text =
+            registry_tests::metrics::scrape(&format!("http://{}/metrics", self.metrics)).await;
         sum_metric(&text, name, &[])
     }
 }

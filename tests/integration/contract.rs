@@ -179,16 +179,12 @@ fn rendered_proxy_environment_is_accepted_by_the_proxy() {
         let config = parse_config(&flags)
             .unwrap_or_else(|e| panic!("proxy rejects the rendered environment {env:?}: {e}"));
         // What `run` does next with the files: the token key and htpasswd must load.
-        let metrics = std::sync::Arc::new(registry_proxy::metrics::Metrics::new());
-        registry_proxy::client_auth::build(&config, metrics).unwrap_or_else(|e| {
+        registry_proxy::load_client_auth(&config).unwrap_or_else(|e| {
             panic!("proxy cannot start client auth from the rendered files: {e}")
         });
         assert_eq!(config.alias, "system/deckhouse");
-        assert_eq!(config.args.listen.port(), 5001);
-        assert_eq!(config.args.metrics_listen.port(), 5002);
-        assert!(
-            config.args.cache_dir.is_some(),
-            "the proxy runs with a cache"
-        );
+        assert_eq!(config.listen.port(), 5001);
+        assert_eq!(config.metrics_listen.port(), 5002);
+        assert!(config.cache.is_some(), "the proxy runs with a cache");
     }
 }

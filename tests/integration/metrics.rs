@@ -31,15 +31,7 @@ struct Scrape(HashMap<String, f64>);
 
 impl Scrape {
     async fn take(url: &str) -> Self {
-        let text = test_client()
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        Self(parse(&text))
+        Self(parse(&registry_tests::metrics::scrape(url).await))
     }
 
     /// The value of `series` (`name{a="x",b="y"}` in exposition label order); 0 if absent.

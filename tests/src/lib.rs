@@ -12,6 +12,10 @@
 //!   logs/counters readable from tests.
 //! - [`proxy`]: [`proxy::start_proxy`] runs `registry_proxy::run` in-process on loopback ports.
 //! - [`client`]: the reqwest client tests use and helpers to read OCI error bodies.
+//! - [`metrics`]: reading the proxy's `/metrics` text.
+//! - [`pki`], [`jwt`], [`secret_dir`], [`trace_capture`]: fixtures of the client-auth and
+//!   TLS tests (a test CA and leaf, forged and signed tokens, a kubelet-style Secret
+//!   directory, a trace-level log capture).
 //!
 //! The lab token server binary under `src/bin/` is separate and does not use this library.
 //!
@@ -44,7 +48,12 @@
 pub mod client;
 pub mod content;
 pub mod fake_upstream;
+pub mod jwt;
+pub mod metrics;
+pub mod pki;
 pub mod proxy;
+pub mod secret_dir;
+pub mod trace_capture;
 
 pub use client::{OciError, oci_errors, test_client};
 pub use content::{Blob, Image, Index, random_bytes, sha256_digest};

@@ -9,9 +9,7 @@ fn main() {
         b.copy_from_slice(len);
         let len = u64::from_le_bytes(b);
         let value = registry_fuzz::text(value);
-        if let registry_proxy::range::Wanted::Range(s, e) =
-            registry_proxy::range::parse(&value, len)
-        {
+        if let Some((s, e)) = registry_proxy::fuzz::range(&value, len) {
             assert!(s <= e && e < len, "{value:?} len {len}: {s}-{e}");
         }
     });

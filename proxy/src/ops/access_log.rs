@@ -16,52 +16,14 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::error::ErrorInfo;
-use crate::metrics::{Metrics, client_kind, method_label, pull_source};
-use crate::routes::RouteLabel;
+use crate::ops::metrics::{Metrics, client_kind, method_label, pull_source};
+use crate::ops::notes::Notes;
 
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// What the handler learned about one request, for its access log line.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Notes {
-    /// Cache result (`hit`, `miss`, `coalesced`, `stale`, `bypass`).
-    pub cache: Option<&'static str>,
-    /// Status of the last upstream response (0 = transport error).
-    pub upstream_status: Option<u16>,
-}
-
-tokio::task_local! {
-    static NOTES: std::cell::Cell<Notes>;
-}
-
-/// Runs a handler with a fresh [`Notes`] slot and returns what it noted.
-pub async fn with_notes<F: std::future::Future>(f: F) -> (F::Output, Notes) {
-    NOTES
-        .scope(std::cell::Cell::new(Notes::default()), async move {
-            let out = f.await;
-            let notes = NOTES.try_with(std::cell::Cell::get).unwrap_or_default();
-            (out, notes)
-        })
-        .await
-}
-
-/// Records the cache result of the current request (no-op outside a request task).
-pub fn note_cache(result: &'static str) {
-    let _ = NOTES.try_with(|n| {
-        let mut v = n.get();
-        v.cache = Some(result);
-        n.set(v);
-    });
-}
-
-/// Records the status of an upstream response for the current request.
-pub fn note_upstream(status: u16) {
-    let _ = NOTES.try_with(|n| {
-        let mut v = n.get();
-        v.upstream_status = Some(status);
-        n.set(v);
-    });
-}
+/// Marks a response with its bounded route label for metrics and logs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RouteLabel(pub &'static str);
 
 /// Records metrics and the access log line for one request.
 struct Finish {
@@ -101,33 +63,22 @@ impl Drop for Finish {
         let duration_ms = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX) as f64 / 1000.0;
         let cache = self.notes.cache.unwrap_or("-");
         let upstream_status = self.notes.upstream_status.map_or(-1, i32::from);
-        match self.error {
-            Some(e) => tracing::info!(
-                request_id = self.id,
-                method = self.method,
-                route = self.route,
-                status = self.status,
-                bytes = self.bytes,
-                duration_ms,
-                cache,
-                upstream_status,
-                error_code = e.code,
-                error_origin = e.origin.as_str(),
-                "request"
-            ),
-            None => tracing::info!(
-                request_id = self.id,
-                method = self.method,
-                route = self.route,
-                status = self.status,
-                bytes = self.bytes,
-                duration_ms,
-                cache,
-                upstream_status,
-                complete = self.complete,
-                "request"
-            ),
-        }
+        // Absent fields are left out of the line: errors carry their code and origin,
+        // successes whether the body was complete.
+        tracing::info!(
+            request_id = self.id,
+            method = self.method,
+            route = self.route,
+            status = self.status,
+            bytes = self.bytes,
+            duration_ms,
+            cache,
+            upstream_status,
+            error_code = self.error.map(|e| e.code),
+            error_origin = self.error.map(|e| e.origin.as_str()),
+            complete = self.error.is_none().then_some(self.complete),
+            "request"
+        );
     }
 }
 
@@ -179,7 +130,11 @@ impl http_body::Body for MeteredBody {
 }
 
 /// axum middleware wrapping every API response.
-pub async fn layer(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+pub(crate) async fn layer(
+    State(metrics): State<Arc<Metrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
     let method = method_label(req.method());
     let head = req.method() == http::Method::HEAD;

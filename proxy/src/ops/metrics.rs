@@ -14,9 +14,13 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// Every probe outcome label, so all series exist from the first scrape.
+pub(crate) const PROBE_OUTCOMES: [&str; 6] =
+    ["ok", "unreachable", "tls", "auth", "not_found", "unknown"];
+
 /// Typed handles of every metric family.
 #[derive(Clone)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Requests by method, route template and status.
     pub requests: IntCounterVec,
@@ -81,11 +85,11 @@ pub struct Metrics {
 }
 
 /// Reads the cache counters at scrape time.
-pub type StatsSource = Box<dyn Fn() -> registry_cache::CacheStats + Send + Sync>;
+pub(crate) type StatsSource = Box<dyn Fn() -> registry_cache::CacheStats + Send + Sync>;
 
 impl Metrics {
     /// Registers every family in a fresh registry.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -284,7 +288,7 @@ impl Metrics {
         for kind in ["blob", "manifest", "tag"] {
             m.cache_entries.with_label_values(&[kind]).set(0);
         }
-        for o in crate::probe::OUTCOMES {
+        for o in PROBE_OUTCOMES {
             m.probe_outcome.with_label_values(&[o]).set(0);
         }
         // Every bounded label set exists from the first scrape, so rate() and increase()
@@ -364,7 +368,7 @@ impl Metrics {
     }
 
     /// Records an upstream response (`status` 0 = transport error).
-    pub fn upstream_response(&self, method: &Method, status: u16, ttfb: Duration) {
+    pub(crate) fn upstream_response(&self, method: &Method, status: u16, ttfb: Duration) {
         let class = match status {
             0 => "error",
             100..=199 => "1xx",
@@ -385,7 +389,7 @@ impl Metrics {
     }
 
     /// Records a token fetch.
-    pub fn token_fetch(&self, ok: bool, elapsed: Duration) {
+    pub(crate) fn token_fetch(&self, ok: bool, elapsed: Duration) {
         let result = if ok { "ok" } else { "error" };
         self.token_fetches.with_label_values(&[result]).inc();
         self.token_fetch_duration
@@ -394,13 +398,13 @@ impl Metrics {
     }
 
     /// Records a cache lookup outcome (also noted for the request's log line).
-    pub fn cache(&self, kind: &'static str, result: &'static str) {
+    pub(crate) fn cache(&self, kind: &'static str, result: &'static str) {
         self.cache_results.with_label_values(&[kind, result]).inc();
-        crate::observe::note_cache(result);
+        crate::ops::notes::note_cache(result);
     }
 
     /// Registers the function read at every scrape for cache gauges and counters.
-    pub fn set_stats_source(&self, source: StatsSource) {
+    pub(crate) fn set_stats_source(&self, source: StatsSource) {
         if let Ok(mut g) = self.stats_source.lock() {
             *g = Some(source);
         }
@@ -443,7 +447,7 @@ impl Metrics {
     }
 
     /// The cache's current counters, when a cache is configured.
-    pub fn cache_stats(&self) -> Option<registry_cache::CacheStats> {
+    pub(crate) fn cache_stats(&self) -> Option<registry_cache::CacheStats> {
         match self.stats_source.lock() {
             Ok(g) => g.as_ref().map(|f| f()),
             Err(_) => None,
@@ -451,18 +455,13 @@ impl Metrics {
     }
 
     /// Text exposition of every family.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         self.refresh_cache_stats();
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");
         }
         String::from_utf8(buf).unwrap_or_default()
-    }
-
-    /// The registry, for collectors added by other modules.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 }
 
@@ -479,11 +478,11 @@ impl Default for Metrics {
 }
 
 /// The bounded `client` label values.
-pub const CLIENT_KINDS: [&str; 2] = ["containerd", "other"];
+const CLIENT_KINDS: [&str; 2] = ["containerd", "other"];
 
 /// `containerd` for containerd's user agent (`containerd/1.6.20~ds1`, what kubelet pulls and
 /// `ctr` send), else `other`: a fixed label set whatever clients send.
-pub fn client_kind(user_agent: Option<&http::HeaderValue>) -> &'static str {
+pub(crate) fn client_kind(user_agent: Option<&http::HeaderValue>) -> &'static str {
     let containerd = user_agent
         .map(http::HeaderValue::as_bytes)
         .is_some_and(|ua| ua.len() >= 11 && ua[..11].eq_ignore_ascii_case(b"containerd/"));
@@ -491,7 +490,7 @@ pub fn client_kind(user_agent: Option<&http::HeaderValue>) -> &'static str {
 }
 
 /// Where a pull's bytes came from, from the cache result the handler noted.
-pub fn pull_source(cache: Option<&str>) -> &'static str {
+pub(crate) fn pull_source(cache: Option<&str>) -> &'static str {
     match cache {
         Some("hit" | "stale") => "cache",
         _ => "upstream",
@@ -499,7 +498,7 @@ pub fn pull_source(cache: Option<&str>) -> &'static str {
 }
 
 /// Bounded method label.
-pub fn method_label(m: &Method) -> &'static str {
+pub(crate) fn method_label(m: &Method) -> &'static str {
     match *m {
         Method::GET => "GET",
         Method::HEAD => "HEAD",

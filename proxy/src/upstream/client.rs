@@ -5,16 +5,25 @@
 //! A request is sent with whatever authorization is cached for its scope; a `401` gets
 //! exactly one retry with fresh credentials. A second refusal is the proxy's problem, not
 //! the client's, and surfaces as a 5xx (see [`ApiError::upstream_denied`]).
+//!
+//! Callers name a repository (upstream-side) and what they want of it; the URL, the token
+//! scope, the manifest `Accept` list and the mapping of error statuses are written here
+//! once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use oci_spec::image::Digest;
 use registry_auth::upstream::UpstreamAuth;
 
-use crate::config::Config;
+use crate::config::UpstreamConfig;
 use crate::error::{ApiError, Error};
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
+use crate::upstream::response::{NotFound, map_status, transport_error};
+
+/// Every OCI and Docker manifest type, for requests the proxy makes on its own.
+pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.v1+prettyjws;q=0.5";
 
 /// Bound on establishing a connection to the upstream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,7 +36,7 @@ const FORWARDED_REQUEST_HEADERS: [header::HeaderName; 3] =
 
 /// Client of the one upstream registry.
 #[derive(Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     /// Swapped when the upstream CA file changes.
     http: Arc<arc_swap::ArcSwap<reqwest::Client>>,
     base: String,
@@ -43,8 +52,9 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// Builds the reqwest client used for registry and realm requests.
-pub fn build_client(config: &Config) -> Result<reqwest::Client, Error> {
+/// Builds the reqwest client used for registry and realm requests, trusting `ca` (PEM)
+/// in addition to the system roots.
+pub(crate) fn build_client(ca: Option<&[u8]>) -> Result<reqwest::Client, Error> {
     let mut builder = reqwest::Client::builder()
         .user_agent(concat!("registry-proxy/", env!("CARGO_PKG_VERSION")))
         .no_gzip()
@@ -55,7 +65,7 @@ pub fn build_client(config: &Config) -> Result<reqwest::Client, Error> {
         .read_timeout(READ_TIMEOUT)
         .pool_idle_timeout(Duration::from_secs(90))
         .redirect(reqwest::redirect::Policy::limited(10));
-    if let Some(pem) = &config.upstream_ca {
+    if let Some(pem) = ca {
         let certs = reqwest::Certificate::from_pem_bundle(pem)
             .map_err(|e| Error::Client(format!("upstream CA: {e}")))?;
         builder = builder.tls_certs_merge(certs);
@@ -65,37 +75,138 @@ pub fn build_client(config: &Config) -> Result<reqwest::Client, Error> {
 
 impl Upstream {
     /// Creates the client for `config`'s upstream.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Self, Error> {
-        let http = build_client(config)?;
+    pub(crate) fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, Error> {
+        let http = build_client(config.ca.as_ref().map(|ca| ca.pem.as_slice()))?;
         let auth = Arc::new(UpstreamAuth::new(
             http.clone(),
-            &config.upstream.host,
+            &config.host,
             config.credentials.clone(),
         ));
         let m = metrics.clone();
         auth.set_observer(Arc::new(move |ok, elapsed| m.token_fetch(ok, elapsed)));
         Ok(Self {
             http: Arc::new(arc_swap::ArcSwap::from_pointee(http)),
-            base: config.upstream_base(),
+            base: config.base(),
             auth,
             metrics,
         })
     }
 
     /// The auth state (for credential reloads).
-    pub fn auth(&self) -> &Arc<UpstreamAuth> {
+    pub(crate) fn auth(&self) -> &Arc<UpstreamAuth> {
         &self.auth
     }
 
     /// Installs a client built with a reloaded upstream CA; requests in flight keep theirs.
-    pub fn set_client(&self, http: reqwest::Client) {
+    pub(crate) fn set_client(&self, http: reqwest::Client) {
         self.auth.set_client(http.clone());
         self.http.store(Arc::new(http));
     }
 
-    /// `scheme://host` of the upstream.
-    pub fn base(&self) -> &str {
-        &self.base
+    /// `GET /v2/` with whatever credentials are configured, any status.
+    pub(crate) async fn ping(&self) -> Result<reqwest::Response, ApiError> {
+        self.send(Method::GET, "", &HeaderMap::new(), None).await
+    }
+
+    /// A blob, whole or the part the forwarded `Range` names; error statuses mapped.
+    pub(crate) async fn blob(
+        &self,
+        method: &Method,
+        repo: &str,
+        digest: &Digest,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let path = format!("{repo}/blobs/{digest}");
+        let resp = self
+            .send(method.clone(), &path, headers, Some(&scope(repo)))
+            .await?;
+        map_status(resp, NotFound::Blob)
+    }
+
+    /// `GET` of a blob from `offset` on (`Range: bytes=<offset>-` past 0), for fills.
+    pub(crate) async fn blob_from(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<reqwest::Response, ApiError> {
+        let mut headers = HeaderMap::new();
+        if offset > 0
+            && let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-"))
+        {
+            headers.insert(header::RANGE, v);
+        }
+        self.blob(&Method::GET, repo, digest, &headers).await
+    }
+
+    /// A manifest by tag or digest, any status; the full `Accept` list unless the client
+    /// sent its own.
+    pub(crate) async fn manifest_any_status(
+        &self,
+        method: &Method,
+        repo: &str,
+        reference: &str,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let path = format!("{repo}/manifests/{reference}");
+        let mut fwd = headers.clone();
+        if !fwd.contains_key(header::ACCEPT) {
+            fwd.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        }
+        self.send(method.clone(), &path, &fwd, Some(&scope(repo)))
+            .await
+    }
+
+    /// [`Upstream::manifest_any_status`] with error statuses mapped.
+    pub(crate) async fn manifest(
+        &self,
+        method: &Method,
+        repo: &str,
+        reference: &str,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let resp = self
+            .manifest_any_status(method, repo, reference, headers)
+            .await?;
+        map_status(resp, NotFound::Manifest)
+    }
+
+    /// `GET <repo>/tags/list[?query]`, any status.
+    pub(crate) async fn tags_any_status(
+        &self,
+        repo: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let path = with_query(format!("{repo}/tags/list"), query);
+        self.send(Method::GET, &path, headers, Some(&scope(repo)))
+            .await
+    }
+
+    /// [`Upstream::tags_any_status`] with error statuses mapped.
+    pub(crate) async fn tags(
+        &self,
+        repo: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let resp = self.tags_any_status(repo, query, headers).await?;
+        map_status(resp, NotFound::Name)
+    }
+
+    /// `GET <repo>/referrers/<digest>[?query]`; error statuses mapped.
+    pub(crate) async fn referrers(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, ApiError> {
+        let path = with_query(format!("{repo}/referrers/{digest}"), query);
+        let resp = self
+            .send(Method::GET, &path, headers, Some(&scope(repo)))
+            .await?;
+        map_status(resp, NotFound::Manifest)
     }
 
     /// Sends `method` to `/v2/{path_and_query}` with the client's forwardable headers.
@@ -103,7 +214,7 @@ impl Upstream {
     ///
     /// Returns the upstream response for any status except an unrecoverable `401`, which
     /// becomes [`ApiError::upstream_denied`]. Statuses are the caller's to map.
-    pub async fn send(
+    async fn send(
         &self,
         method: Method,
         path_and_query: &str,
@@ -162,7 +273,7 @@ impl Upstream {
             Ok(mut resp) => {
                 self.metrics
                     .upstream_response(method, resp.status().as_u16(), elapsed);
-                crate::observe::note_upstream(resp.status().as_u16());
+                crate::ops::notes::note_upstream(resp.status().as_u16());
                 resp.extensions_mut()
                     .insert(SentAt(started, method.clone()));
                 if let Some(rem) = resp
@@ -178,7 +289,7 @@ impl Upstream {
             }
             Err(e) => {
                 self.metrics.upstream_response(method, 0, elapsed);
-                crate::observe::note_upstream(0);
+                crate::ops::notes::note_upstream(0);
                 Err(transport_error(&e))
             }
         }
@@ -192,14 +303,14 @@ struct SentAt(std::time::Instant, Method);
 /// Observes `registry_proxy_upstream_duration_seconds` when an upstream body is done
 /// (fully read or dropped).
 #[derive(Debug)]
-pub struct BodyTimer {
+pub(crate) struct BodyTimer {
     metrics: Arc<Metrics>,
     sent: Option<SentAt>,
 }
 
 impl BodyTimer {
     /// Starts timing `resp`'s body from when its request was sent.
-    pub fn new(metrics: &Arc<Metrics>, resp: &reqwest::Response) -> Self {
+    pub(crate) fn new(metrics: &Arc<Metrics>, resp: &reqwest::Response) -> Self {
         Self {
             metrics: metrics.clone(),
             sent: resp.extensions().get::<SentAt>().cloned(),
@@ -212,7 +323,7 @@ impl Drop for BodyTimer {
         if let Some(SentAt(at, method)) = &self.sent {
             self.metrics
                 .upstream_duration
-                .with_label_values(&[crate::metrics::method_label(method)])
+                .with_label_values(&[crate::ops::metrics::method_label(method)])
                 .observe(at.elapsed().as_secs_f64());
         }
     }
@@ -233,28 +344,15 @@ fn auth_error(e: registry_auth::Error) -> ApiError {
     }
 }
 
-/// Classifies a transport failure without leaking URLs with query strings.
-pub fn transport_error(e: &reqwest::Error) -> ApiError {
-    if e.is_timeout() {
-        return ApiError::upstream_timeout();
+/// The token scope of a pull from `repo`.
+fn scope(repo: &str) -> String {
+    format!("repository:{repo}:pull")
+}
+
+fn with_query(mut path: String, query: Option<&str>) -> String {
+    if let Some(q) = query {
+        path.push('?');
+        path.push_str(q);
     }
-    let mut reason = if e.is_connect() {
-        "connection failed".to_owned()
-    } else if e.is_redirect() {
-        "too many redirects".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
-    // The innermost cause says e.g. "connection refused" or a TLS verification error.
-    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    let mut last = None;
-    while let Some(s) = source {
-        last = Some(s.to_string());
-        source = s.source();
-    }
-    if let Some(last) = last {
-        reason.push_str(": ");
-        reason.push_str(&last);
-    }
-    ApiError::upstream_unreachable(&reason)
+    path
 }

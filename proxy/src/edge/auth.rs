@@ -1,5 +1,5 @@
-//! Client authentication at the HTTP edge: the `/auth/token` endpoint, the check in
-//! front of every `/v2/` request, and live reload of every secret file.
+//! Client authentication at the HTTP edge: the `/auth/token` endpoint and the check in
+//! front of every `/v2/` request.
 //!
 //! The decisions themselves live in `registry-auth` ([`ClientAuth`]); this module only
 //! turns headers and bodies into its calls and its errors into `401`s with the challenge
@@ -15,26 +15,25 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use http::{HeaderMap, HeaderValue, Method, header};
 use registry_auth::client::{
-    ClientAuth, ClientAuthConfig, ClientAuthMode, Htpasswd, SigningKey, TokenRequest,
-    basic_challenge, bearer_challenge,
+    ClientAuth, Htpasswd, SigningKey, TokenRequest, basic_challenge, bearer_challenge,
 };
 use registry_auth::{Credentials, Error as AuthError};
 
-use crate::config::{ClientAuthMode as CliMode, Config};
+use crate::config::ClientAuthConfig;
 use crate::error::{ApiError, Error};
-use crate::metrics::Metrics;
-use crate::routes::RouteLabel;
+use crate::ops::access_log::RouteLabel;
+use crate::ops::metrics::Metrics;
 
 /// Largest token request body (an OAuth2 form is a few hundred bytes).
 const MAX_FORM_BYTES: usize = 16 * 1024;
 
 /// The edge state: the authenticator plus how to build challenges.
 #[derive(Clone)]
-pub struct Edge {
+pub(crate) struct Edge {
     /// Decisions.
-    pub auth: ClientAuth,
+    pub(crate) auth: ClientAuth,
     /// `https` when serving TLS.
-    pub scheme: &'static str,
+    scheme: &'static str,
     /// The proxy's own names (`--realm-hosts`), normalised; empty = syntax check only.
     realm_hosts: Arc<[String]>,
     metrics: Arc<Metrics>,
@@ -49,52 +48,39 @@ impl std::fmt::Debug for Edge {
 }
 
 /// Builds the authenticator from the configuration; reads the key and htpasswd files.
-pub fn build(config: &Config, metrics: Arc<Metrics>) -> Result<Edge, Error> {
-    let mode = match config.args.client_auth {
-        CliMode::Upstream => ClientAuthMode::Upstream,
-        CliMode::None => ClientAuthMode::None,
-        CliMode::Htpasswd => ClientAuthMode::Htpasswd,
+pub(crate) fn build(
+    config: &ClientAuthConfig,
+    credentials: Option<Credentials>,
+    tls: bool,
+    metrics: Arc<Metrics>,
+) -> Result<Edge, Error> {
+    let read = |what: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            Error::Auth(AuthError::Load {
+                what,
+                path: path.display().to_string(),
+                reason: e.kind().to_string(),
+            })
+        })
     };
-    let key = match &config.args.token_key_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                Error::Auth(AuthError::Load {
-                    what: "token signing key",
-                    path: path.display().to_string(),
-                    reason: e.kind().to_string(),
-                })
-            })?;
-            SigningKey::from_pem(&pem)?
-        }
+    let key = match &config.token_key_file {
+        Some(path) => SigningKey::from_pem(&read("token signing key", path)?)?,
         None => SigningKey::generate_es256()?,
     };
-    let htpasswd = match &config.args.htpasswd_file {
-        Some(path) => {
-            let bytes = std::fs::read(path).map_err(|e| {
-                Error::Auth(AuthError::Load {
-                    what: "htpasswd file",
-                    path: path.display().to_string(),
-                    reason: e.kind().to_string(),
-                })
-            })?;
-            Some(Htpasswd::from_bytes(&bytes)?)
-        }
+    let htpasswd = match &config.htpasswd_file {
+        Some(path) => Some(Htpasswd::from_bytes(&read("htpasswd file", path)?)?),
         None => None,
     };
-    let cfg = ClientAuthConfig {
-        mode,
-        token_ttl: config.args.token_ttl,
-        credential_grace: config.args.credential_grace,
-        ..ClientAuthConfig::default()
+    let cfg = registry_auth::client::ClientAuthConfig {
+        mode: config.mode,
+        token_ttl: config.token_ttl,
+        credential_grace: config.credential_grace,
+        ..registry_auth::client::ClientAuthConfig::default()
     };
-    let auth = ClientAuth::new(cfg, key, config.credentials.clone(), htpasswd);
+    let auth = ClientAuth::new(cfg, key, credentials, htpasswd);
     Ok(Edge {
         auth,
-        scheme: if config.args.tls_cert.is_some() {
-            "https"
-        } else {
-            "http"
-        },
+        scheme: if tls { "https" } else { "http" },
         realm_hosts: config.realm_hosts.clone().into(),
         metrics,
     })
@@ -124,7 +110,7 @@ fn realm_host(headers: &HeaderMap, authority: Option<&str>, allowed: &[String]) 
 
 impl Edge {
     /// Checks a `/v2/` request for `repository` (client-side name; `None` for `/v2/`).
-    pub async fn check(
+    pub(crate) async fn check(
         &self,
         headers: &HeaderMap,
         authority: Option<&str>,
@@ -170,7 +156,7 @@ impl Edge {
 }
 
 /// Routes `/auth/token` and `/auth` (GET with Basic, POST with an OAuth2 form).
-pub fn token_routes(edge: Edge) -> Router {
+pub(crate) fn token_routes(edge: Edge) -> Router {
     Router::new()
         .route("/auth/token", any(token))
         .route("/auth", any(token))
@@ -241,139 +227,4 @@ async fn token_inner(edge: &Edge, req: Request) -> Result<Response, ApiError> {
             Err(ApiError::unauthorized(challenge, status_msg))
         }
     }
-}
-
-/// Everything the reload watcher swaps.
-pub struct Reloadables {
-    /// Client decisions (credentials, htpasswd, key).
-    pub edge: Option<Edge>,
-    /// Upstream auth (credentials) and client (CA).
-    pub upstream: crate::upstream::Upstream,
-    /// Serving certificate.
-    pub cert: Option<Arc<crate::tls::ReloadableCert>>,
-    /// Metrics (reload results, certificate expiry).
-    pub metrics: Arc<Metrics>,
-}
-
-/// Watches every secret and certificate file named in the configuration and installs
-/// new contents atomically; a file that fails to parse keeps the old value.
-pub fn spawn_reloader(
-    config: &Config,
-    r: Reloadables,
-    interval: std::time::Duration,
-    tasks: &tokio_util::task::TaskTracker,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    use registry_auth::reload::FileWatcher;
-    let mut w = FileWatcher::new(interval);
-    let counted = |metrics: &Arc<Metrics>, file: &'static str, res: &Result<(), AuthError>| {
-        let result = if res.is_ok() { "ok" } else { "error" };
-        metrics
-            .config_reloads
-            .with_label_values(&[file, result])
-            .inc();
-    };
-    let loaded = |p: &std::path::Path| std::fs::read(p).unwrap_or_default();
-
-    let creds_source: Option<(std::path::PathBuf, Option<String>)> = match (
-        &config.args.license_file,
-        &config.args.username,
-        &config.args.password_file,
-    ) {
-        (Some(p), _, _) => Some((p.clone(), None)),
-        (None, Some(u), Some(p)) => Some((p.clone(), Some(u.clone()))),
-        _ => None,
-    };
-    if let Some((path, user)) = creds_source {
-        let (edge, upstream, metrics) = (r.edge.clone(), r.upstream.clone(), r.metrics.clone());
-        let what = if user.is_some() {
-            "upstream password"
-        } else {
-            "license"
-        };
-        w.watch_loaded(&path, what, &loaded(&path), move |bytes| {
-            let res = match &user {
-                None => Credentials::from_license(bytes),
-                Some(u) => Credentials::from_password_file(u, bytes),
-            }
-            .map(|creds| {
-                upstream.auth().set_credentials(Some(creds.clone()));
-                if let Some(edge) = &edge {
-                    edge.auth.set_upstream_credentials(Some(creds));
-                }
-            });
-            counted(&metrics, "credentials", &res);
-            res
-        });
-    }
-    if let (Some(path), Some(edge)) = (&config.args.htpasswd_file, &r.edge) {
-        let (edge, metrics) = (edge.clone(), r.metrics.clone());
-        w.watch_loaded(path, "htpasswd", &loaded(path), move |bytes| {
-            let res = Htpasswd::from_bytes(bytes).map(|h| edge.auth.set_htpasswd(h));
-            counted(&metrics, "htpasswd", &res);
-            res
-        });
-    }
-    if let (Some(path), Some(edge)) = (&config.args.token_key_file, &r.edge) {
-        let (edge, metrics) = (edge.clone(), r.metrics.clone());
-        w.watch_loaded(path, "token signing key", &loaded(path), move |bytes| {
-            let res = SigningKey::from_pem(bytes).map(|k| edge.auth.set_signing_key(k));
-            counted(&metrics, "token_key", &res);
-            res
-        });
-    }
-    if let Some(path) = &config.args.upstream_ca {
-        let (upstream, metrics) = (r.upstream.clone(), r.metrics.clone());
-        let base = config.clone();
-        w.watch_loaded(path, "upstream CA", &loaded(path), move |bytes| {
-            let mut c = base.clone();
-            c.upstream_ca = Some(bytes.to_vec());
-            let res = crate::tls::parse_ca_bundle(bytes)
-                .map_err(|reason| AuthError::Load {
-                    what: "upstream CA",
-                    path: String::new(),
-                    reason,
-                })
-                .and_then(|_| {
-                    crate::upstream::build_client(&c).map_err(|e| AuthError::Load {
-                        what: "upstream CA",
-                        path: String::new(),
-                        reason: e.to_string(),
-                    })
-                })
-                .map(|client| upstream.set_client(client));
-            counted(&metrics, "upstream_ca", &res);
-            res
-        });
-    }
-    if let (Some(cert_path), Some(key_path), Some(cert)) =
-        (&config.args.tls_cert, &config.args.tls_key, &r.cert)
-    {
-        // A Secret update swaps certificate and key together; watching both and
-        // loading the pair on either change installs the new pair once both match.
-        for (path, what) in [
-            (cert_path, "serving certificate"),
-            (key_path, "serving key"),
-        ] {
-            let (cert, metrics) = (cert.clone(), r.metrics.clone());
-            let (cp, kp) = (cert_path.clone(), key_path.clone());
-            w.watch_loaded(path, what, &loaded(path), move |_| {
-                let res = crate::tls::load_certified_key(&cp, &kp)
-                    .map(|ck| {
-                        metrics
-                            .cert_expiry
-                            .set(crate::tls::leaf_not_after(&ck).unwrap_or(0));
-                        cert.set(ck);
-                    })
-                    .map_err(|reason| AuthError::Load {
-                        what: "serving certificate",
-                        path: cp.display().to_string(),
-                        reason,
-                    });
-                counted(&metrics, "tls", &res);
-                res
-            });
-        }
-    }
-    w.spawn(tasks, shutdown);
 }

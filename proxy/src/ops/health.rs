@@ -1,32 +1,90 @@
 //! The ops port: Prometheus text exposition and health endpoints, plain HTTP, separate
-//! from the API so scraping and probes never need credentials or TLS.
+//! from the API so scraping and probes never need credentials or TLS. The upstream
+//! probe (`crate::upstream::probe`) publishes its results into [`Probe`] here.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use http::{StatusCode, header};
+use serde::Serialize;
 
-use crate::metrics::Metrics;
-use crate::probe::Probe;
+use crate::ops::metrics::Metrics;
+
+/// Result of the last probe.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct ProbeStatus {
+    /// `ok`, `unreachable`, `tls`, `auth`, `not_found` or `unknown` (not run yet).
+    pub outcome: &'static str,
+    /// What failed, for operators (no secrets).
+    pub message: String,
+    /// Unix time of the last probe (0 = never).
+    pub checked_at: u64,
+    /// Unix time of the last success (0 = never).
+    pub last_success: u64,
+}
+
+impl ProbeStatus {
+    /// What clients get: `upstream` while the probe passes (or has not run), `cache-only`
+    /// while it fails. Cached content stays served when the upstream refuses the license
+    /// (availability over licensing; docs/operations.md).
+    pub(crate) fn serving(&self) -> &'static str {
+        match self.outcome {
+            "ok" | "unknown" => "upstream",
+            _ => "cache-only",
+        }
+    }
+}
+
+/// Shared probe state read by `/readyz`.
+#[derive(Clone, Debug)]
+pub(crate) struct Probe {
+    status: Arc<ArcSwap<ProbeStatus>>,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Self {
+            status: Arc::new(ArcSwap::from_pointee(ProbeStatus {
+                outcome: "unknown",
+                message: "not probed yet".to_owned(),
+                checked_at: 0,
+                last_success: 0,
+            })),
+        }
+    }
+}
+
+impl Probe {
+    /// The last result.
+    pub(crate) fn status(&self) -> Arc<ProbeStatus> {
+        self.status.load_full()
+    }
+
+    /// Publishes the result of a probe run.
+    pub(crate) fn set(&self, status: ProbeStatus) {
+        self.status.store(Arc::new(status));
+    }
+}
 
 /// Whether the API listener is up and the configuration loaded.
 #[derive(Clone, Debug, Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     ready: Arc<AtomicBool>,
 }
 
 impl Readiness {
     /// Flips readiness.
-    pub fn set_ready(&self, ready: bool) {
+    pub(crate) fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
     }
 
     /// Current readiness.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 }
@@ -41,7 +99,7 @@ struct OpsState {
 
 /// Router of the ops port. With `strict`, `/readyz` also fails while the upstream probe
 /// fails.
-pub fn app(metrics: Arc<Metrics>, ready: Readiness, probe: Probe, strict: bool) -> Router {
+pub(crate) fn app(metrics: Arc<Metrics>, ready: Readiness, probe: Probe, strict: bool) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))

@@ -55,65 +55,32 @@ const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
 /// ops port, logs).
 const FD_RESERVE: u64 = 256;
 
-/// What one listener allows. Built from the flags for the API ([`Limits::from_args`]) and
-/// fixed and small for the ops port ([`Limits::ops`]).
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Connections served at once; further ones wait in the accept backlog.
-    pub max_connections: usize,
-    /// Responses in flight at once over all connections (until the body is sent or
-    /// dropped); a request that finds none free within 5 s gets 503 + `Retry-After`.
-    pub max_streams: usize,
-    /// h2 `SETTINGS_MAX_CONCURRENT_STREAMS` per connection.
-    pub h2_max_streams: u32,
-    /// Bytes buffered per stream towards a client that does not read (h1 write buffer,
-    /// h2 send buffer).
-    pub stream_buffer: usize,
-    /// A connection that has not sent a complete request head by then is closed.
-    pub header_read_timeout: Duration,
-    /// A connection without a request in flight for this long is closed.
-    pub idle_timeout: Duration,
-    /// h2 PING interval; a peer that does not answer within `h2_keepalive_timeout` is
-    /// dropped.
-    pub h2_keepalive_interval: Duration,
-    /// See `h2_keepalive_interval`.
-    pub h2_keepalive_timeout: Duration,
-    /// Accept prior-knowledge HTTP/2 on a plain-text listener.
-    pub h2c: bool,
-}
+/// What one listener allows: from the flags for the API ([`Limits::api`]), fixed and
+/// small for the ops port ([`Limits::ops`]).
+pub(crate) use crate::config::ConnectionLimits as Limits;
 
 impl Limits {
     /// The API listener's limits from the flags, with `max_connections` lowered (and a
     /// warning) when the process's open-file limit could not carry it.
-    pub fn from_args(args: &crate::config::Args) -> Self {
-        let mut max_connections = args.max_connections;
+    pub(crate) fn api(flags: &Self) -> Self {
+        let mut limits = flags.clone();
         if let Some(fit) = fd_soft_limit().map(connections_for_fds)
-            && max_connections > fit
+            && limits.max_connections > fit
         {
             tracing::warn!(
-                requested = max_connections,
+                requested = limits.max_connections,
                 allowed = fit,
                 "--max-connections lowered to fit the open-file limit (each connection may also hold a cache file and an upstream socket)"
             );
-            max_connections = fit;
+            limits.max_connections = fit;
         }
-        Self {
-            max_connections,
-            max_streams: args.max_streams,
-            h2_max_streams: args.h2_max_streams,
-            stream_buffer: args.stream_buffer,
-            header_read_timeout: args.header_read_timeout,
-            idle_timeout: args.idle_timeout,
-            h2_keepalive_interval: args.h2_keepalive_interval,
-            h2_keepalive_timeout: args.h2_keepalive_timeout,
-            h2c: args.h2c,
-        }
+        limits
     }
 
     /// The ops port: a handful of scrapers and kubelet probes, HTTP/1.1 only. Its own
     /// small cap means a flood there cannot take descriptors from the API, and the API's
     /// cap below the fd limit means the API cannot starve this port.
-    pub fn ops() -> Self {
+    pub(crate) fn ops() -> Self {
         Self {
             max_connections: 32,
             max_streams: 32,
@@ -176,7 +143,7 @@ fn parse_fd_soft_limit(limits: &str) -> Option<u64> {
 }
 
 /// Serves `app` on `listener` until `shutdown` fires, then drains for at most `grace`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<TlsAcceptor>,
@@ -502,7 +469,7 @@ impl AcceptBackoff {
 }
 
 /// The local address a listener is bound to, for logs.
-pub fn local(listener: &TcpListener) -> String {
+pub(crate) fn local(listener: &TcpListener) -> String {
     listener
         .local_addr()
         .map_or_else(|_| "?".to_owned(), |a: SocketAddr| a.to_string())

@@ -14,68 +14,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use serde::Serialize;
+use http::{HeaderMap, Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::ops::health::{Probe, ProbeStatus};
+use crate::ops::metrics::{Metrics, PROBE_OUTCOMES};
 use crate::upstream::Upstream;
-
-/// Every outcome label, so all series exist from the first scrape.
-pub const OUTCOMES: [&str; 6] = ["ok", "unreachable", "tls", "auth", "not_found", "unknown"];
-
-/// Result of the last probe.
-#[derive(Clone, Debug, Serialize)]
-pub struct ProbeStatus {
-    /// `ok`, `unreachable`, `tls`, `auth`, `not_found` or `unknown` (not run yet).
-    pub outcome: &'static str,
-    /// What failed, for operators (no secrets).
-    pub message: String,
-    /// Unix time of the last probe (0 = never).
-    pub checked_at: u64,
-    /// Unix time of the last success (0 = never).
-    pub last_success: u64,
-}
-
-impl ProbeStatus {
-    /// What clients get: `upstream` while the probe passes (or has not run), `cache-only`
-    /// while it fails. Cached content stays served when the upstream refuses the license
-    /// (availability over licensing; docs/operations.md).
-    pub fn serving(&self) -> &'static str {
-        match self.outcome {
-            "ok" | "unknown" => "upstream",
-            _ => "cache-only",
-        }
-    }
-}
-
-/// Shared probe state read by `/readyz`.
-#[derive(Clone, Debug)]
-pub struct Probe {
-    status: Arc<ArcSwap<ProbeStatus>>,
-}
-
-impl Default for Probe {
-    fn default() -> Self {
-        Self {
-            status: Arc::new(ArcSwap::from_pointee(ProbeStatus {
-                outcome: "unknown",
-                message: "not probed yet".to_owned(),
-                checked_at: 0,
-                last_success: 0,
-            })),
-        }
-    }
-}
-
-impl Probe {
-    /// The last result.
-    pub fn status(&self) -> Arc<ProbeStatus> {
-        self.status.load_full()
-    }
-}
 
 fn now_unix() -> u64 {
     SystemTime::now()
@@ -84,7 +29,7 @@ fn now_unix() -> u64 {
 }
 
 /// Maps a failed step to its outcome label.
-pub fn classify(e: &ApiError) -> &'static str {
+fn classify(e: &ApiError) -> &'static str {
     if e.code() == "DENIED" {
         return "auth";
     }
@@ -109,35 +54,16 @@ async fn probe_once(
 ) -> Result<(), (&'static str, String)> {
     let fail = |step: &str, e: ApiError| (classify(&e), format!("{step}: {}", e.message()));
     let empty = HeaderMap::new();
-    let resp = upstream
-        .send(Method::GET, "", &empty, None)
-        .await
-        .map_err(|e| fail("GET /v2/", e))?;
+    let resp = upstream.ping().await.map_err(|e| fail("GET /v2/", e))?;
     check_status(resp.status(), "GET /v2/")?;
-    let scope = format!("repository:{repo}:pull");
     let resp = upstream
-        .send(
-            Method::GET,
-            &format!("{repo}/tags/list?n=1"),
-            &empty,
-            Some(&scope),
-        )
+        .tags_any_status(repo, Some("n=1"), &empty)
         .await
         .map_err(|e| fail("tags/list", e))?;
     check_status(resp.status(), &format!("GET {repo}/tags/list"))?;
     if let Some(tag) = reference {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::ACCEPT,
-            HeaderValue::from_static(crate::routes::MANIFEST_ACCEPT),
-        );
         let resp = upstream
-            .send(
-                Method::HEAD,
-                &format!("{repo}/manifests/{tag}"),
-                &h,
-                Some(&scope),
-            )
+            .manifest_any_status(&Method::HEAD, repo, tag, &empty)
             .await
             .map_err(|e| fail("manifest HEAD", e))?;
         check_status(resp.status(), &format!("HEAD {repo}/manifests/{tag}"))?;
@@ -155,7 +81,7 @@ fn check_status(status: StatusCode, step: &str) -> Result<(), (&'static str, Str
 }
 
 /// Runs the probe until `shutdown`.
-pub async fn run(
+pub(crate) async fn run(
     probe: Probe,
     upstream: Upstream,
     repo: String,
@@ -197,7 +123,7 @@ pub async fn run(
                 tracing::warn!(outcome = status.outcome, detail = %status.message, "upstream probe failing");
             }
         }
-        for o in OUTCOMES {
+        for o in PROBE_OUTCOMES {
             metrics
                 .probe_outcome
                 .with_label_values(&[o])
@@ -209,7 +135,7 @@ pub async fn run(
         metrics
             .serving_cache_only
             .set(i64::from(status.serving() == "cache-only"));
-        probe.status.store(Arc::new(status));
+        probe.set(status);
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}

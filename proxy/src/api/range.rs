@@ -10,7 +10,7 @@ use http::{HeaderMap, header};
 
 /// What to send of a representation of `len` bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wanted {
+pub(crate) enum Wanted {
     /// 200 with everything: no `Range`, several ranges (RFC 9110 allows ignoring them),
     /// an `If-Range` that does not match, or a `Range` that is not valid syntax.
     All,
@@ -21,20 +21,20 @@ pub enum Wanted {
 }
 
 /// The strong ETag of content named by `digest`: the digest itself, quoted.
-pub fn etag_for(digest: &str) -> Option<ETag> {
+pub(crate) fn etag_for(digest: &str) -> Option<ETag> {
     format!("\"{digest}\"").parse().ok()
 }
 
 /// Whether `If-None-Match` says the client already holds the content with `etag` (answer
 /// 304). A header that does not parse is ignored, as RFC 9110 §13.1.2 allows.
-pub fn not_modified(headers: &HeaderMap, etag: &ETag) -> bool {
+pub(crate) fn not_modified(headers: &HeaderMap, etag: &ETag) -> bool {
     headers
         .typed_get::<IfNoneMatch>()
         .is_some_and(|inm| !inm.precondition_passes(etag))
 }
 
 /// The part of a representation of `len` bytes with `etag` that the request asks for.
-pub fn wanted(headers: &HeaderMap, len: u64, etag: Option<&ETag>) -> Wanted {
+pub(crate) fn wanted(headers: &HeaderMap, len: u64, etag: Option<&ETag>) -> Wanted {
     if headers.typed_get::<headers::Range>().is_none() {
         return Wanted::All;
     }
@@ -54,7 +54,7 @@ pub fn wanted(headers: &HeaderMap, len: u64, etag: Option<&ETag>) -> Wanted {
 
 /// RFC 9110 §14.1.2 arithmetic on a `Range` value: one satisfiable range is served, an
 /// unsatisfiable single range is 416, several ranges or bad syntax are the whole thing.
-pub fn parse(value: &str, len: u64) -> Wanted {
+pub(crate) fn parse(value: &str, len: u64) -> Wanted {
     let Some((unit, set)) = value.split_once('=') else {
         return Wanted::All;
     };

@@ -1,70 +1,30 @@
-//! TLS material: the serving certificate (hot-swappable through an [`ArcSwap`]
-//! resolver, so a renewed Secret takes effect without dropping connections) and the
-//! upstream CA bundle check.
+//! The serving certificate, hot-swappable through an [`ArcSwap`] resolver so a renewed
+//! Secret takes effect without dropping connections. Reading and checking the PEM files
+//! is `crate::inputs`'s job.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-/// Checks that `pem` holds at least one certificate.
-pub fn parse_ca_bundle(pem: &[u8]) -> Result<usize, String> {
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
-    let certs = certs.map_err(|e| format!("invalid PEM: {e}"))?;
-    if certs.is_empty() {
-        return Err("no certificate found".to_owned());
-    }
-    Ok(certs.len())
-}
-
-/// Loads a certificate chain and its private key (PKCS#1, SEC1 or PKCS#8 PEM).
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
-    let cert_pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
-    let key_pem = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    certified_key_from_pem(&cert_pem, &key_pem)
-}
-
-/// Builds a [`CertifiedKey`] from PEM bytes, checking that key and certificate match.
-pub fn certified_key_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
-    let chain: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(cert_pem).collect();
-    let chain = chain.map_err(|e| format!("invalid certificate PEM: {e}"))?;
-    if chain.is_empty() {
-        return Err("no certificate in the certificate file".to_owned());
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("invalid private key PEM: {e}"))?;
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let ck = CertifiedKey::from_der(chain, key, &provider)
-        .map_err(|e| format!("certificate and key do not match: {e}"))?;
-    Ok(ck)
-}
 
 /// Serves whatever certificate is current.
 #[derive(Debug)]
-pub struct ReloadableCert {
+pub(crate) struct ReloadableCert {
     current: ArcSwap<CertifiedKey>,
 }
 
 impl ReloadableCert {
     /// Starts with `ck`.
-    pub fn new(ck: CertifiedKey) -> Self {
+    pub(crate) fn new(ck: CertifiedKey) -> Self {
         Self {
             current: ArcSwap::from_pointee(ck),
         }
     }
 
     /// Swaps in a new certificate; handshakes already done keep theirs.
-    pub fn set(&self, ck: CertifiedKey) {
+    pub(crate) fn set(&self, ck: CertifiedKey) {
         self.current.store(Arc::new(ck));
-    }
-
-    /// The certificate currently served.
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        self.current.load_full()
     }
 }
 
@@ -75,7 +35,7 @@ impl ResolvesServerCert for ReloadableCert {
 }
 
 /// A rustls server config offering HTTP/2 and HTTP/1.1 through ALPN.
-pub fn server_config(cert: Arc<ReloadableCert>) -> Result<rustls::ServerConfig, String> {
+pub(crate) fn server_config(cert: Arc<ReloadableCert>) -> Result<rustls::ServerConfig, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -87,7 +47,7 @@ pub fn server_config(cert: Arc<ReloadableCert>) -> Result<rustls::ServerConfig, 
 }
 
 /// `notAfter` of the leaf certificate as Unix seconds, for the expiry metric.
-pub fn leaf_not_after(ck: &CertifiedKey) -> Option<i64> {
+pub(crate) fn leaf_not_after(ck: &CertifiedKey) -> Option<i64> {
     let der = ck.cert.first()?;
     not_after_from_der(der.as_ref())
 }
@@ -171,11 +131,5 @@ mod tests {
             Some(2_147_483_648)
         );
         assert_eq!(parse_asn1_time(0x17, "garbage"), None);
-    }
-
-    #[test]
-    fn rejects_bad_pem() {
-        assert!(parse_ca_bundle(b"not pem").is_err());
-        assert!(certified_key_from_pem(b"", b"").is_err());
     }
 }

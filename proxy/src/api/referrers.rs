@@ -1,0 +1,24 @@
+//! `GET /v2/<name>/referrers/<digest>`: streamed from the upstream as it answers.
+
+use axum::response::Response;
+use http::HeaderMap;
+use oci_spec::image::Digest;
+
+use crate::api::passthrough;
+use crate::api::state::AppState;
+use crate::error::ApiError;
+
+/// The referrers endpoint.
+pub(crate) async fn get(
+    state: &AppState,
+    remote: &str,
+    digest: &Digest,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let resp = state
+        .upstream
+        .referrers(remote, digest, query, headers)
+        .await?;
+    Ok(passthrough::stream(&state.metrics, resp, false))
+}

@@ -1,0 +1,134 @@
+//! # Layout
+//!
+//! Live reload of every secret and certificate file a flag names: each watched file and
+//! what it swaps. A file that fails to parse keeps the old value (and counts an error in
+//! `registry_proxy_config_reloads_total`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use registry_auth::Error as AuthError;
+use registry_auth::client::{Htpasswd, SigningKey};
+use registry_auth::reload::FileWatcher;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::edge::auth::Edge;
+use crate::edge::tls::ReloadableCert;
+use crate::ops::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// Everything the reload watcher swaps.
+pub(crate) struct Reloadables {
+    /// Client decisions (credentials, htpasswd, key).
+    pub(crate) edge: Edge,
+    /// Upstream auth (credentials) and client (CA).
+    pub(crate) upstream: Upstream,
+    /// Serving certificate.
+    pub(crate) cert: Option<Arc<ReloadableCert>>,
+    /// Metrics (reload results, certificate expiry).
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+fn counted(metrics: &Metrics, file: &'static str, res: &Result<(), AuthError>) {
+    let result = if res.is_ok() { "ok" } else { "error" };
+    metrics
+        .config_reloads
+        .with_label_values(&[file, result])
+        .inc();
+}
+
+fn loaded(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_default()
+}
+
+fn load_error(what: &'static str, path: &Path, reason: String) -> AuthError {
+    AuthError::Load {
+        what,
+        path: path.display().to_string(),
+        reason,
+    }
+}
+
+/// Watches every secret and certificate file named in the configuration and installs
+/// new contents atomically.
+pub(crate) fn spawn_reloader(
+    config: &Config,
+    r: Reloadables,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut w = FileWatcher::new(config.reload_interval);
+    if let Some(source) = config.upstream.credential_source.clone() {
+        let (edge, upstream, metrics) = (r.edge.clone(), r.upstream.clone(), r.metrics.clone());
+        let what = match source {
+            crate::config::CredentialSource::License(_) => "license",
+            crate::config::CredentialSource::Password { .. } => "upstream password",
+        };
+        let path = source.path().to_owned();
+        w.watch_loaded(&path, what, &loaded(&path), move |bytes| {
+            let res = source.parse(bytes).map(|creds| {
+                upstream.auth().set_credentials(Some(creds.clone()));
+                edge.auth.set_upstream_credentials(Some(creds));
+            });
+            counted(&metrics, "credentials", &res);
+            res
+        });
+    }
+    if let Some(path) = &config.client_auth.htpasswd_file {
+        let (edge, metrics) = (r.edge.clone(), r.metrics.clone());
+        w.watch_loaded(path, "htpasswd", &loaded(path), move |bytes| {
+            let res = Htpasswd::from_bytes(bytes).map(|h| edge.auth.set_htpasswd(h));
+            counted(&metrics, "htpasswd", &res);
+            res
+        });
+    }
+    if let Some(path) = &config.client_auth.token_key_file {
+        let (edge, metrics) = (r.edge.clone(), r.metrics.clone());
+        w.watch_loaded(path, "token signing key", &loaded(path), move |bytes| {
+            let res = SigningKey::from_pem(bytes).map(|k| edge.auth.set_signing_key(k));
+            counted(&metrics, "token_key", &res);
+            res
+        });
+    }
+    if let Some(ca) = &config.upstream.ca {
+        let (upstream, metrics) = (r.upstream.clone(), r.metrics.clone());
+        let path = ca.path.clone();
+        w.watch_loaded(&ca.path, "upstream CA", &loaded(&ca.path), move |bytes| {
+            let res = crate::inputs::parse_ca_bundle(bytes)
+                .map_err(|reason| load_error("upstream CA", &path, reason))
+                .and_then(|_| {
+                    crate::upstream::client::build_client(Some(bytes))
+                        .map_err(|e| load_error("upstream CA", &path, e.to_string()))
+                })
+                .map(|client| upstream.set_client(client));
+            counted(&metrics, "upstream_ca", &res);
+            res
+        });
+    }
+    if let (Some(files), Some(cert)) = (&config.tls, &r.cert) {
+        // A Secret update swaps certificate and key together; watching both and
+        // loading the pair on either change installs the new pair once both match.
+        for (path, what) in [
+            (&files.cert, "serving certificate"),
+            (&files.key, "serving key"),
+        ] {
+            let (cert, metrics) = (cert.clone(), r.metrics.clone());
+            let (cp, kp) = (files.cert.clone(), files.key.clone());
+            w.watch_loaded(path, what, &loaded(path), move |_| {
+                let res = crate::inputs::load_certified_key(&cp, &kp)
+                    .map(|ck| {
+                        metrics
+                            .cert_expiry
+                            .set(crate::edge::tls::leaf_not_after(&ck).unwrap_or(0));
+                        cert.set(ck);
+                    })
+                    .map_err(|reason| load_error("serving certificate", &cp, reason));
+                counted(&metrics, "tls", &res);
+                res
+            });
+        }
+    }
+    w.spawn(tasks, shutdown);
+}

@@ -1,0 +1,151 @@
+//! What the proxy accepts of an upstream response: error statuses and transport failures
+//! mapped to the client-facing error once, and bounds on what it reads or believes.
+
+use bytes::Bytes;
+use futures_util::TryStreamExt as _;
+use http::header;
+use oci_spec::image::Digest;
+
+use crate::error::ApiError;
+use crate::ops::metrics::Metrics;
+
+/// Manifests larger than this are refused (distribution uses 4 MiB); they are buffered
+/// to verify their digest and never re-serialised.
+pub(crate) const MAX_MANIFEST_BYTES: usize = 8 << 20;
+/// Bound on a buffered tag list.
+pub(crate) const MAX_TAGS_BYTES: usize = 16 << 20;
+/// Largest blob length believed from an upstream (1 TiB): OCI layers are far smaller, and a
+/// client handed a `Content-Length` of 10^15 would wait for bytes that never come.
+const MAX_BLOB_BYTES: u64 = 1 << 40;
+
+/// What a 404 is about: decides its OCI code.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum NotFound {
+    Blob,
+    Manifest,
+    Name,
+}
+
+/// Maps an upstream status that is not success to the client-facing error; statuses
+/// that describe the relayed request itself (other 4xx, 416) pass on verbatim.
+pub(crate) fn map_status(
+    resp: reqwest::Response,
+    not_found: NotFound,
+) -> Result<reqwest::Response, ApiError> {
+    let status = resp.status();
+    let error = match status.as_u16() {
+        200..=399 | 416 => return Ok(resp),
+        404 => match not_found {
+            NotFound::Blob => ApiError::upstream_not_found("BLOB_UNKNOWN", "blob"),
+            NotFound::Manifest => ApiError::upstream_not_found("MANIFEST_UNKNOWN", "manifest"),
+            NotFound::Name => ApiError::upstream_not_found("NAME_UNKNOWN", "repository"),
+        },
+        429 => ApiError::upstream_rate_limited(resp.headers().get(header::RETRY_AFTER).cloned()),
+        401 | 403 => ApiError::upstream_denied(status.as_u16()),
+        s if s >= 500 => ApiError::upstream_status(s),
+        _ => return Ok(resp),
+    };
+    Err(error)
+}
+
+/// Classifies a transport failure without leaking URLs with query strings.
+pub(crate) fn transport_error(e: &reqwest::Error) -> ApiError {
+    if e.is_timeout() {
+        return ApiError::upstream_timeout();
+    }
+    let mut reason = if e.is_connect() {
+        "connection failed".to_owned()
+    } else if e.is_redirect() {
+        "too many redirects".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    // The innermost cause says e.g. "connection refused" or a TLS verification error.
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    let mut last = None;
+    while let Some(s) = source {
+        last = Some(s.to_string());
+        source = s.source();
+    }
+    if let Some(last) = last {
+        reason.push_str(": ");
+        reason.push_str(&last);
+    }
+    ApiError::upstream_unreachable(&reason)
+}
+
+/// Refuses an upstream blob response whose announced length is implausible.
+pub(crate) fn check_blob_length(resp: &reqwest::Response) -> Result<(), ApiError> {
+    // The header itself: for a HEAD, reqwest's `content_length()` is the empty body's size.
+    let announced = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .or(resp.content_length());
+    match announced {
+        Some(n) if n > MAX_BLOB_BYTES => {
+            tracing::warn!(length = n, "upstream blob length implausible; refused");
+            Err(ApiError::integrity("upstream blob length is implausible"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reads a whole (small) body with a bound.
+pub(crate) async fn read_bounded(resp: reqwest::Response, limit: usize) -> Result<Bytes, ApiError> {
+    if resp.content_length().is_some_and(|l| l > limit as u64) {
+        return Err(ApiError::integrity("upstream response too large"));
+    }
+    let mut buf = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.try_next().await.map_err(|e| transport_error(&e))? {
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::integrity("upstream response too large"));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// SHA-256 digest string of `bytes`.
+fn sha256_digest(bytes: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    format!("sha256:{}", hex::encode(d.as_ref()))
+}
+
+/// Reads a manifest body (bounded), counts it as upstream bytes and computes its digest;
+/// when `expected` is a sha256 digest the bytes must match it. The bytes are never
+/// re-serialised: the digest is over exactly what the upstream sent.
+pub(crate) async fn read_manifest(
+    resp: reqwest::Response,
+    expected: Option<&Digest>,
+    metrics: &Metrics,
+) -> Result<(Bytes, Digest), ApiError> {
+    let body = read_bounded(resp, MAX_MANIFEST_BYTES).await?;
+    metrics.upstream_bytes.inc_by(body.len() as u64);
+    let digest = crate::path::parse_digest(&sha256_digest(&body))?;
+    if let Some(want) = expected
+        && want.algorithm().as_ref() == "sha256"
+        && *want != digest
+    {
+        tracing::error!(expected = %want, got = %digest, "upstream manifest does not match its digest");
+        return Err(ApiError::integrity(
+            "upstream manifest does not match the requested digest",
+        ));
+    }
+    Ok((body, digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_of_empty() {
+        assert_eq!(
+            sha256_digest(b""),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}
