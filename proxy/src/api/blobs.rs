@@ -22,22 +22,24 @@ use crate::api::range::{self, Wanted};
 use crate::api::state::AppState;
 use crate::error::ApiError;
 use crate::ops::metrics::Metrics;
+use crate::ops::notes::{CacheResult, RequestContext};
 use crate::upstream::blob_source::UpstreamBlob;
 
 /// The blob endpoint.
 pub(crate) async fn get(
     state: &AppState,
+    ctx: &RequestContext,
     method: &Method,
     remote: &str,
     digest: &Digest,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     match &state.cache {
-        Some(layer) => cached(state, layer, method, remote, digest, headers).await,
+        Some(layer) => cached(state, ctx, layer, method, remote, digest, headers).await,
         None => {
-            state.metrics.cache("blob", "bypass");
+            state.metrics.cache(ctx, "blob", CacheResult::Bypass);
             let headers = without_stale_range(headers, digest.as_ref());
-            passthrough::blob(state, method, remote, digest, &headers).await
+            passthrough::blob(state, ctx, method, remote, digest, &headers).await
         }
     }
 }
@@ -148,6 +150,7 @@ fn blob_response(
 /// The blob endpoint through the cache.
 async fn cached(
     state: &AppState,
+    ctx: &RequestContext,
     layer: &CacheLayer,
     method: &Method,
     remote: &str,
@@ -170,7 +173,7 @@ async fn cached(
                 tracing::warn!(%digest, "cached blob failed verification before a Range; refetching");
             }
             Ok(Some(hit)) => {
-                metrics.cache("blob", "hit");
+                metrics.cache(ctx, "blob", CacheResult::Hit);
                 let len = hit.len();
                 return blob_response(digest, len, req_headers, head, metrics, "cache", |s, e| {
                     hit.reader(s, e)
@@ -189,7 +192,8 @@ async fn cached(
         && let Some(fill) = layer.cache.in_flight(digest)
         && let Ok(len) = fill.meta().await
     {
-        metrics.cache("blob", "coalesced");
+        metrics.cache(ctx, "blob", CacheResult::Coalesced);
+        layer.joined_fill(digest, ctx);
         return blob_response(
             digest,
             len,
@@ -201,18 +205,28 @@ async fn cached(
         );
     }
     if head || !sha256 {
-        metrics.cache("blob", "miss");
-        return passthrough::blob(state, method, remote, digest, req_headers).await;
+        metrics.cache(ctx, "blob", CacheResult::Miss);
+        return passthrough::blob(state, ctx, method, remote, digest, req_headers).await;
     }
-    let source = UpstreamBlob::new(&state.upstream, remote, digest, metrics);
+    let source = UpstreamBlob::new(&state.upstream, remote, digest, metrics, ctx);
     let fill = layer.cache.fill(digest, source.clone());
-    let result = if fill.is_leader() {
-        "miss"
+    let leader = fill.is_leader();
+    if leader {
+        layer.started_fill(digest, &source);
+    }
+    let result = if leader {
+        CacheResult::Miss
     } else {
-        "coalesced"
+        CacheResult::Coalesced
     };
-    metrics.cache("blob", result);
-    let len = match fill.meta().await {
+    metrics.cache(ctx, "blob", result);
+    let meta = fill.meta().await;
+    if !leader {
+        // The fill answered (or failed) by now: its upstream response is what this
+        // request is served from.
+        layer.joined_fill(digest, ctx);
+    }
+    let len = match meta {
         Ok(len) => len,
         // The cache cannot write: serve this client straight from the upstream, verified.
         Err(FillError::Spool(_)) => {
