@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-15}
-FUZZ_TARGETS=${FUZZ_TARGETS:-path range challenge token_request authorization htpasswd}
+FUZZ_TARGETS=${FUZZ_TARGETS:-path range challenge token_request authorization htpasswd jwt manifest_refs config}
 AFL_VERSION=0.18.2
 
 if ! cargo afl --version >/dev/null 2>&1; then
@@ -30,6 +30,9 @@ if ! compgen -G "$rt_dir/afl.rs-*/afl/bin/afl-fuzz" >/dev/null; then
 fi
 
 echo "fuzz: building targets"
+# Its own target dir even when the caller exports one: the instrumented build must not
+# replace the workspace's artifacts, and the binaries are run from fuzz/target below.
+export CARGO_TARGET_DIR="$PWD/fuzz/target"
 (cd fuzz && cargo afl build --release --quiet)
 
 out=${FUZZ_OUT:-$(mktemp -d /tmp/registry-fuzz.XXXXXX)}
@@ -37,6 +40,9 @@ out=${FUZZ_OUT:-$(mktemp -d /tmp/registry-fuzz.XXXXXX)}
 # fixed per-exec timeout so a hang counts.
 export AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
   AFL_NO_AFFINITY=1 AFL_QUIET=1 AFL_SHUFFLE_QUEUE=0
+# The config target parses flags: variables that fill flags must not leak in.
+while read -r v; do unset "$v"; done < <(compgen -e | grep '^REGISTRY_PROXY_' || true)
+tmp_root=${TMPDIR:-/tmp}
 failed=0
 for t in $FUZZ_TARGETS; do
   mkdir -p "$out/$t"
@@ -58,6 +64,7 @@ for t in $FUZZ_TARGETS; do
     find "$out/$t/default/crashes" "$out/$t/default/hangs" -type f ! -name README.txt | head -5 >&2
   fi
 done
+rm -rf "$tmp_root/registry-fuzz-config"
 if ((failed)); then
   echo "fuzz: FAILED (inputs kept in $out)" >&2
   exit 1

@@ -27,6 +27,9 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
+step "fuzz (AFL++, seven targets x 15 s from the checked-in corpus; docs/fuzzing.md)"
+bash scripts/fuzz.sh
+
 step "install paths (kubectl kustomize of deploy/, deploy/standalone and the docs/install.md overlays)"
 bash tests/deploy/run.sh
 
@@ -42,3 +45,8 @@ bash tests/e2e/run.sh
 
 step "README demo (every README \"Pull through it\" block, offline: TLS, client auth, cache, containerd)"
 bash scripts/demo.sh
+
+if [[ ${SOAK:-0} == 1 ]]; then
+  step "soak (opt-in, about 11 min: mixed load, a faulty upstream, a full disk, restarts; docs/soak.md)"
+  bash benches/scripts/soak.sh
+fi

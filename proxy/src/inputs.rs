@@ -60,9 +60,26 @@ impl CredentialSource {
     }
 }
 
+/// The most a file named by a flag may hold. Kubernetes caps a Secret at 1 MiB; the bound
+/// is what stops a flag naming `/dev/zero` or a log file from eating the pod's memory.
+pub(crate) const MAX_INPUT_FILE: u64 = 4 * 1024 * 1024;
+
 /// Reads a file a flag names (secrets included: the content never appears in errors).
 pub(crate) fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| file_error(flag, path, &e))
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| file_error(flag, path, &e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_INPUT_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| file_error(flag, path, &e))?;
+    if bytes.len() as u64 > MAX_INPUT_FILE {
+        return Err(bad(
+            flag,
+            path,
+            format!("is larger than {} MiB", MAX_INPUT_FILE / (1024 * 1024)),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// An I/O failure on `path` as a predicate on the file ("does not exist").
@@ -315,6 +332,19 @@ mod tests {
         assert_eq!(pem_found(two), "CERTIFICATE");
         let odd = b"-----BEGIN secret-value-----\n";
         assert_eq!(pem_found(odd), "text without PEM blocks");
+    }
+
+    #[test]
+    fn refuses_files_that_never_end_or_are_too_big() {
+        // A flag naming a character device must not read forever.
+        let e = read("--license-file", Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(e, ConfigError::File { flag: "--license-file", .. }), "{e}");
+        assert!(e.to_string().contains("larger than 4 MiB"), "{e}");
+        let exact = std::env::temp_dir().join(format!("rp-input-cap-{}", std::process::id()));
+        std::fs::write(&exact, vec![b'a'; MAX_INPUT_FILE as usize]).unwrap();
+        let got = read("--htpasswd", &exact).map(|b| b.len() as u64);
+        std::fs::remove_file(&exact).unwrap();
+        assert_eq!(got.unwrap(), MAX_INPUT_FILE);
     }
 
     #[test]

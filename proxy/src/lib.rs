@@ -262,6 +262,17 @@ pub mod fuzz {
         crate::path::parse_digest(s).is_ok()
     }
 
+    /// How many blob and child-manifest digests a manifest body references.
+    pub fn manifest_references(bytes: &[u8]) -> (usize, usize) {
+        let (blobs, children) = crate::api::manifests::manifest_references(bytes);
+        (blobs.len(), children.len())
+    }
+
+    /// Parses and validates a command line as the binary would (files it names are read).
+    pub fn config(args: &[String]) -> bool {
+        crate::Config::from_args(args).is_ok()
+    }
+
     /// The served range of a `Range` value against `len` bytes, if one.
     pub fn range(value: &str, len: u64) -> Option<(u64, u64)> {
         match crate::api::range::parse(value, len) {

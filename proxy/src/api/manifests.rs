@@ -145,7 +145,7 @@ async fn relayed(
 
 /// Digests a manifest references (config, layers, index children, subject), for
 /// eviction coherence and prefetch. Unparseable manifests reference nothing.
-fn manifest_references(bytes: &[u8]) -> (Vec<Digest>, Vec<Digest>) {
+pub(crate) fn manifest_references(bytes: &[u8]) -> (Vec<Digest>, Vec<Digest>) {
     let mut blobs = Vec::new();
     let mut children = Vec::new();
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
