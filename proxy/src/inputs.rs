@@ -338,7 +338,16 @@ mod tests {
     fn refuses_files_that_never_end_or_are_too_big() {
         // A flag naming a character device must not read forever.
         let e = read("--license-file", Path::new("/dev/zero")).unwrap_err();
-        assert!(matches!(e, ConfigError::File { flag: "--license-file", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ConfigError::File {
+                    flag: "--license-file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("larger than 4 MiB"), "{e}");
         let exact = std::env::temp_dir().join(format!("rp-input-cap-{}", std::process::id()));
         std::fs::write(&exact, vec![b'a'; MAX_INPUT_FILE as usize]).unwrap();
