@@ -5,8 +5,10 @@
 #   bash benches/scripts/compare.sh                    # release-builds registry-proxy first
 #   LAB_NO_BUILD=1 bash benches/scripts/compare.sh     # use target/release/registry-proxy as is
 #
-# Env: BIG_MIB (200), SMALL_MIB (1), WRK_SECONDS (10), COLD_RUNS (3), RSS_CLIENTS (16),
-#      RESULTS (docs/bench-cache.csv), SVG (docs/bench-cache.svg), PROXY_BIN, LAB_KEEP=1 keeps $LAB.
+# Env: BIG_MIB (200), SMALL_MIB (1), HUGE_MIB (1024; 0 skips the 1 GiB rows), WRK_SECONDS (10),
+#      COLD_RUNS (3), RSS_CLIENTS (16), PASS_RUNS (5), PERF=1 (perf-record ours' first cold
+#      HUGE fill into $LAB/perf-cold.txt, copied to PERF_OUT), RESULTS (docs/bench-cache.csv),
+#      SVG (docs/bench-cache.svg), PROXY_BIN, LAB_KEEP=1 keeps $LAB.
 #
 # The upstream is anonymous: distribution 2.8 sends no credentials to a Basic upstream and nginx cannot
 # do the Bearer dance (local-lab G1), so an anonymous upstream is the one setup all three peers share.
@@ -24,6 +26,10 @@ SMALL_MIB=${SMALL_MIB:-1}
 WRK_SECONDS=${WRK_SECONDS:-10}
 COLD_RUNS=${COLD_RUNS:-3}
 RSS_CLIENTS=${RSS_CLIENTS:-16}
+HUGE_MIB=${HUGE_MIB:-1024}
+PASS_RUNS=${PASS_RUNS:-5}
+PERF=${PERF:-0}
+PERF_OUT=${PERF_OUT:-}
 RESULTS=${RESULTS:-$ROOT/docs/bench-cache.csv}
 SVG=${SVG:-$ROOT/docs/bench-cache.svg}
 PY=$(pyenv which python3 2>/dev/null || command -v python3)
@@ -45,6 +51,11 @@ rec() { echo "$1,$2,$3,$4" >>"$CSV"; lab_log "result: $1 $2 = $3 $4"; }
 read -r _ BIG < <(lab_mkimage "$LAB/layout" big "$BIG_MIB")
 read -r _ SMALL < <(lab_mkimage "$LAB/layout" small "$SMALL_MIB")
 [[ $BIG == sha256:* && $SMALL == sha256:* ]] || lab_die "building the images failed"
+HUGE=
+if ((HUGE_MIB > 0)); then
+    read -r _ HUGE < <(lab_mkimage "$LAB/layout" huge "$HUGE_MIB")
+    [[ $HUGE == sha256:* ]] || lab_die "building the huge image failed"
+fi
 BIG_BYTES=$(stat -c%s "$(lab_blob "$LAB/layout" "$BIG")")
 
 UP=127.0.0.1:$(lab_free_port)
@@ -59,10 +70,13 @@ http: {addr: $UP, secret: lab-upstream-secret}
 EOF
 lab_bg upstream docker-registry serve "$LAB/up/config.yml"
 lab_wait_http "http://$UP/v2/" 20 || lab_die "upstream did not start"
-for t in big small; do
-    timeout 120 skopeo --insecure-policy copy -q --preserve-digests --dest-tls-verify=false \
+for t in big small ${HUGE:+huge}; do
+    timeout 300 skopeo --insecure-policy copy -q --preserve-digests --dest-tls-verify=false \
         "oci:$LAB/layout:$t" "docker://$UP/deckhouse/ee/$t:v1" >&2 || lab_die "push $t failed"
 done
+
+# The pushed layout is not needed any more (disk is scarce).
+rm -rf "$LAB/layout"
 
 # Upstream blob GETs so far (access log lines), for one digest.
 up_gets() { grep -c "\"GET /v2/deckhouse/ee/[a-z]*/blobs/$1 " "$LAB/logs/upstream.log" || true; }
@@ -73,6 +87,8 @@ OURS_METRICS=$(lab_free_port)
 DIST_PORT=$(lab_free_port)
 DIST_DEBUG=$(lab_free_port)
 NGX_PORT=$(lab_free_port)
+PASS_PORT=$(lab_free_port)
+PASS_METRICS=$(lab_free_port)
 
 mkdir -p "$LAB/dist" "$LAB/ngx/tmp" "$LAB/ngx/logs"
 cat >"$LAB/dist/config.yml" <<EOF
@@ -126,6 +142,8 @@ http {
       proxy_max_temp_file_size 0;
       add_header X-Cache \$upstream_cache_status;
     }
+    # Pass-through peer: the same upstream without proxy_cache.
+    location /nc/ { rewrite ^/nc/(.*)\$ /\$1 break; proxy_pass http://reg; proxy_buffering on; }
     location /v2/ { proxy_pass http://reg; }
   }
 }
@@ -138,6 +156,11 @@ start() { # start TARGET (keeps the cache on disk)
             lab_bg ours env RUST_LOG=warn NO_COLOR=1 "$PROXY_BIN" --listen "127.0.0.1:$OURS_PORT" \
                 --metrics-listen "127.0.0.1:$OURS_METRICS" --images-repo "$UP/deckhouse/ee" --scheme HTTP \
                 --client-auth none --cache-dir "$LAB/ours"
+            ;;
+        pass)
+            lab_bg pass env RUST_LOG=warn NO_COLOR=1 "$PROXY_BIN" --listen "127.0.0.1:$PASS_PORT" \
+                --metrics-listen "127.0.0.1:$PASS_METRICS" --images-repo "$UP/deckhouse/ee" --scheme HTTP \
+                --client-auth none --no-cache
             ;;
         dist) lab_bg dist docker-registry serve "$LAB/dist/config.yml" ;;
         nginx) lab_bg nginx nginx -c "$LAB/ngx/nginx.conf" -e "$LAB/ngx/logs/error.log" ;;
@@ -172,9 +195,11 @@ url() { # url TARGET PATH-under-/v2/-or-"/v2/"
         ours) base=http://127.0.0.1:$OURS_PORT ;;
         dist) base=http://127.0.0.1:$DIST_PORT ;;
         nginx) base=http://127.0.0.1:$NGX_PORT ;;
+        pass) base=http://127.0.0.1:$PASS_PORT ;;
+        nginx-pass) base=http://127.0.0.1:$NGX_PORT/nc ;;
     esac
     if [[ $2 == /v2/ ]]; then echo "$base/v2/"; return; fi
-    if [[ $1 == ours ]]; then echo "$base/v2/system/deckhouse/$2"; else echo "$base/v2/deckhouse/ee/$2"; fi
+    if [[ $1 == ours || $1 == pass ]]; then echo "$base/v2/system/deckhouse/$2"; else echo "$base/v2/deckhouse/ee/$2"; fi
 }
 blob_url() { url "$1" "$2/blobs/$3"; } # TARGET REPO DIGEST
 # Peak RSS (VmHWM, KiB) of a process and its children (nginx: master + worker).
@@ -214,6 +239,87 @@ for t in "${TARGETS[@]}"; do
     rec "$t" cold_ttfb_ms "$(awk '{print $1*1000}' "$LAB/ttfb-$t.txt" | median)" ms
     rec "$t" cold_total_s "$(awk '{print $2}' "$LAB/ttfb-$t.txt" | median)" s
 done
+
+# ---- 1b. cold HUGE (1 GiB): total, COLD_RUNS fresh caches each (min, median, max); warm mean ----------
+# curl -o /dev/null like the 200 MiB rows; the bytes are checked once per target from the warm cache.
+if [[ -n $HUGE ]]; then
+    for ((i = 0; i < COLD_RUNS; i++)); do
+        curl -s -o /dev/null --max-time 300 -w '%{time_starttransfer} %{time_total}\n' "$(blob_url upstream huge "$HUGE")"
+    done >"$LAB/huge-upstream.txt"
+    rec upstream huge_cold_total_s "$(awk '{print $2}' "$LAB/huge-upstream.txt" | median)" s
+    for t in "${TARGETS[@]}"; do
+        for ((i = 0; i < COLD_RUNS; i++)); do
+            cold "$t"
+            if [[ $t == ours && $i == 0 && $PERF == 1 ]] && command -v perf >/dev/null; then
+                # Software clock (no hardware counters in this VM), call graphs, bounded by the pull.
+                perf record -q -F 999 -e cpu-clock -g -p "${PID_OF[ours]}" -o "$LAB/perf.data" \
+                    2>"$LAB/perf.err" &
+                perf_pid=$!
+                sleep 0.5
+            fi
+            curl -s -o /dev/null --max-time 300 -w '%{time_starttransfer} %{time_total}\n' "$(blob_url "$t" huge "$HUGE")"
+            if [[ -n ${perf_pid:-} ]]; then
+                kill -INT "$perf_pid" 2>/dev/null
+                wait "$perf_pid" 2>/dev/null
+                perf_pid=
+                {
+                    echo "# perf: ours, first cold ${HUGE_MIB} MiB fill, cpu-clock 999 Hz"
+                    echo "## self time by symbol"
+                    perf report -i "$LAB/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null |
+                        grep -v '^#' | grep -v '^$' | head -25
+                    # Inclusive time of the pipeline's stages (a sample counts in every frame on its stack).
+                    echo "## inclusive time of the fill stages"
+                    perf report -i "$LAB/perf.data" --children --sort sym --stdio -g none 2>/dev/null |
+                        grep -E 'sha256_block|spool_writer|fill::hasher|__libc_pwrite|__libc_pread|read_at|tcp_recvmsg|tcp_sendmsg|ext4_buffered_write_iter|filemap_read|writev|recvfrom|sendto|rustls|hyper::proto' |
+                        head -30
+                } >"$LAB/perf-cold.txt"
+                [[ -n $PERF_OUT ]] && cp "$LAB/perf-cold.txt" "$PERF_OUT"
+                rm -f "$LAB/perf.data"
+            fi
+        done >"$LAB/huge-$t.txt"
+        rec "$t" huge_cold_ttfb_ms "$(awk '{print $1*1000}' "$LAB/huge-$t.txt" | median)" ms
+        rec "$t" huge_cold_total_s "$(awk '{print $2}' "$LAB/huge-$t.txt" | median)" s
+        rec "$t" huge_cold_total_min_s "$(awk '{print $2}' "$LAB/huge-$t.txt" | sort -g | head -1)" s
+        rec "$t" huge_cold_total_max_s "$(awk '{print $2}' "$LAB/huge-$t.txt" | sort -g | tail -1)" s
+        [[ $t == ours ]] && sleep 1 # let the fill commit
+        check_body "$t" "$(blob_url "$t" huge "$HUGE")"
+        for ((i = 0; i < 3; i++)); do
+            curl -s -o /dev/null --max-time 300 -w '%{time_total}\n' "$(blob_url "$t" huge "$HUGE")"
+        done >"$LAB/huge-warm-$t.txt"
+        rec "$t" huge_warm_mean_ms "$(awk '{s+=$1} END {printf "%.0f", s/NR*1000}' "$LAB/huge-warm-$t.txt")" ms
+    done
+    # 16 clients on a cold HUGE blob: peak RSS of a fresh process (ours only: the target is ours).
+    cold ours
+    u=$(blob_url ours huge "$HUGE")
+    pids=()
+    for ((i = 0; i < RSS_CLIENTS; i++)); do
+        curl -s -o /dev/null --max-time 600 "$u" &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    rec ours rss_huge_cold_mib "$(awk -v k="$(peak_rss_kib "${PID_OF[ours]}")" 'BEGIN {printf "%.1f", k / 1024}')" MiB
+    # Free the disk before the next sections.
+    for t in "${TARGETS[@]}"; do stop "$t"; wipe "$t"; start "$t"; done
+fi
+
+# ---- 1c. pass-through 200 MiB without a cache, vs the upstream direct, interleaved ------------------
+start pass
+check_body pass "$(blob_url pass big "$BIG")"
+check_body nginx-pass "$(blob_url nginx-pass big "$BIG")"
+for ((i = 0; i < PASS_RUNS; i++)); do
+    for t in upstream pass nginx-pass; do
+        printf '%s ' "$t"
+        curl -s -o /dev/null --max-time 120 -w '%{time_total}\n' "$(blob_url "$t" big "$BIG")"
+    done
+done >"$LAB/pass.txt"
+up_mean=$(awk '$1 == "upstream" {s+=$2; n++} END {print s/n}' "$LAB/pass.txt")
+for t in pass nginx-pass; do
+    m=$(awk -v t="$t" '$1 == t {s+=$2; n++} END {print s/n}' "$LAB/pass.txt")
+    rec "$t" pass_mean_s "$m" s
+    rec "$t" pass_ratio_to_direct "$(awk -v u="$up_mean" -v m="$m" 'BEGIN {printf "%.3f", u / m}')" ratio
+done
+rec upstream pass_mean_s "$up_mean" s
+stop pass
 
 # ---- 2. 8 concurrent cold pulls of one blob: upstream GETs and wall time ------------------------------
 # Timed with -o /dev/null like the single cold pull (hashing 8 x 200 MiB in the clients would dominate on

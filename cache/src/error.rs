@@ -49,6 +49,20 @@ impl std::error::Error for SourceError {
     }
 }
 
+/// An upstream body delivered less than the throughput floor within one window
+/// (`CacheConfig::fill_min_rate`); the fill re-opens it at its offset (a retryable
+/// [`SourceError`] whose `inner` is this).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("upstream body trickles: {bytes} bytes in {window:?}, floor {min_bytes}")]
+pub struct Stalled {
+    /// Bytes received in the window.
+    pub bytes: u64,
+    /// The window.
+    pub window: std::time::Duration,
+    /// Bytes the floor asks for per window.
+    pub min_bytes: u64,
+}
+
 /// Why a fill failed. Cloned to every reader of the fill, so it holds no owned I/O error.
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -95,6 +109,12 @@ pub enum FillError {
     /// The cache is shutting down.
     #[error("cache is shutting down")]
     ShuttingDown,
+    /// The fill ran longer than its overall deadline (`CacheConfig::fill_deadline`).
+    #[error("fill did not finish within {after:?}")]
+    DeadlineExceeded {
+        /// The deadline.
+        after: std::time::Duration,
+    },
     /// The fill task ended without a result (panicked).
     #[error("fill task aborted")]
     Aborted,

@@ -1,23 +1,32 @@
-//! Single-flight fills. One task per digest owns the upstream body, hashes it and appends it to a
-//! local spool; every [`Fill`] handle tails that spool through a `watch` of (bytes written,
-//! terminal state), so readers get bytes as they land, with bounded memory and no per-reader
-//! channel. Readers never cancel the fill; only shutdown does.
+//! Single-flight fills. One task per digest owns the upstream body; every [`Fill`] handle follows
+//! it through a `watch` of (bytes received, bytes written, terminal state). Bytes are served from
+//! memory as they arrive ([`MemWindow`]): the spool write and the hash run beside the readers on
+//! their own blocking threads, not in front of them. A reader that falls behind the window (or
+//! joins late) reads the spool until it catches up. Readers never cancel the fill; only shutdown
+//! or the fill's own deadline does.
 
 use std::{
+    collections::VecDeque,
     fs::File,
     io,
     os::unix::fs::FileExt,
-    sync::{Arc, OnceLock, atomic::Ordering},
+    sync::{
+        Arc, Mutex, OnceLock, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
 use oci_spec::image::Digest;
-use tokio::sync::watch;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    time::Instant,
+};
 
 use crate::{
-    BlobSource, BlobStream, CacheError, FillError, Hex, Inner, SourceError,
+    BlobSource, BlobStream, CacheError, FillError, Hex, Inner, SourceError, Stalled,
     degraded::{Fallback, Prefix, verified_stream},
     index::{Pin, now_ms},
     names::Sha256Hasher,
@@ -25,8 +34,89 @@ use crate::{
     stream::{CHUNK, resolve},
 };
 
-/// Upstream chunks already buffered are written with one blocking call (at most this many).
+/// Upstream chunks already buffered are handed to the writer and hasher as one batch (at most
+/// this many).
 const WRITE_BATCH: usize = 16;
+
+/// Received bytes not yet both written to the spool and hashed, per fill. The network side
+/// waits for the disk and the hasher beyond this (backpressure instead of buffering).
+pub(crate) const MAX_UNSPOOLED: u64 = 8 * 1024 * 1024;
+
+/// Already-spooled bytes the memory window keeps, so that followers a little behind the
+/// leader are still served from memory.
+pub(crate) const MEM_KEEP: u64 = 4 * 1024 * 1024;
+
+/// The most recent bytes of a fill, in the chunks the upstream delivered. Everything not yet
+/// written to the spool is here (so `base <= written` always holds), plus up to
+/// [`MEM_KEEP`] bytes already written. Per fill this is at most `MAX_UNSPOOLED + MEM_KEEP`
+/// plus one upstream chunk (a batch above `MAX_UNSPOOLED` would have its permit clamped, but
+/// 16 chunks of hyper's ≤ ~400 KiB reads stay below it).
+#[derive(Default)]
+struct MemWindow {
+    /// Blob offset of the first chunk.
+    base: u64,
+    /// `(offset, bytes)`, contiguous from `base`.
+    chunks: VecDeque<(u64, Bytes)>,
+    len: u64,
+}
+
+enum Slice {
+    /// Bytes from memory.
+    Mem(Bytes),
+    /// The position lies before the window: read the spool up to this offset.
+    Spool(u64),
+    /// Not received yet.
+    Ahead,
+}
+
+impl MemWindow {
+    fn push(&mut self, data: &[Bytes], written: u64) {
+        for b in data {
+            self.chunks.push_back((self.base + self.len, b.clone()));
+            self.len += b.len() as u64;
+        }
+        self.trim(written);
+    }
+
+    /// Drops the oldest spooled chunks beyond [`MEM_KEEP`]; never one not yet written.
+    fn trim(&mut self, written: u64) {
+        while let Some((off, b)) = self.chunks.front() {
+            let n = b.len() as u64;
+            if off + n > written || self.len - n < MEM_KEEP {
+                break;
+            }
+            self.base += n;
+            self.len -= n;
+            self.chunks.pop_front();
+        }
+    }
+
+    /// Up to `max` bytes at `pos`, not past `limit`.
+    fn slice(&self, pos: u64, limit: u64, max: u64) -> Slice {
+        if pos < self.base {
+            return Slice::Spool(self.base);
+        }
+        let i = self
+            .chunks
+            .partition_point(|(off, b)| off + b.len() as u64 <= pos);
+        let Some((off, b)) = self.chunks.get(i) else {
+            return Slice::Ahead;
+        };
+        let lo = (pos - off) as usize;
+        let hi = (limit.min(pos.saturating_add(max)).min(off + b.len() as u64) - off) as usize;
+        if lo >= hi {
+            return Slice::Ahead;
+        }
+        Slice::Mem(b.slice(lo..hi))
+    }
+
+    /// Forgets every chunk: all `end` bytes are in the spool.
+    fn clear(&mut self, end: u64) {
+        self.chunks.clear();
+        self.base = end;
+        self.len = 0;
+    }
+}
 
 /// What readers watch.
 #[derive(Clone, Debug, Default)]
@@ -35,7 +125,10 @@ pub(crate) struct Progress {
     file: Option<Arc<File>>,
     /// Whole-blob length once the upstream announced it.
     total: Option<u64>,
-    /// Bytes written to the spool (not yet synced): readers may read `..written`.
+    /// Bytes received from the upstream: readers may read `..received` (from memory, or the
+    /// spool below the memory window).
+    received: u64,
+    /// Bytes written to the spool (not yet synced): the valid prefix if the spool breaks.
     written: u64,
     /// Terminal state: `Ok` only after the digest matched (and, when persisting, the commit).
     done: Option<Result<(), FillError>>,
@@ -52,16 +145,33 @@ pub(crate) struct FillShared {
     pin: OnceLock<Pin>,
     /// Serves readers on their own if the spool breaks (`None` for fills that never started).
     fallback: Option<Fallback>,
+    /// The bytes most recently received (no lock is held across an await).
+    mem: Mutex<MemWindow>,
+    /// Where readers got their bytes (the cache's counters).
+    reads: Arc<FillReads>,
+}
+
+/// Bytes fill readers took from memory and from the spool.
+#[derive(Debug, Default)]
+pub(crate) struct FillReads {
+    pub(crate) memory: AtomicU64,
+    pub(crate) spool: AtomicU64,
 }
 
 impl FillShared {
-    pub(crate) fn new(digest: Digest, fallback: Option<Fallback>) -> Self {
+    pub(crate) fn new(digest: Digest, fallback: Option<Fallback>, reads: Arc<FillReads>) -> Self {
         Self {
+            reads,
             digest,
             tx: watch::Sender::new(Progress::default()),
             pin: OnceLock::new(),
             fallback,
+            mem: Mutex::new(MemWindow::default()),
         }
+    }
+
+    fn mem(&self) -> std::sync::MutexGuard<'_, MemWindow> {
+        self.mem.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn finish(&self, r: Result<(), FillError>) {
@@ -97,7 +207,7 @@ impl Fill {
 
     /// A fill that failed before starting (bad digest, shutting down).
     pub(crate) fn failed(digest: Digest, e: FillError) -> Self {
-        let shared = FillShared::new(digest, None);
+        let shared = FillShared::new(digest, None, Arc::default());
         shared.finish(Err(e));
         Self {
             shared: Arc::new(shared),
@@ -125,7 +235,7 @@ impl Fill {
                 match (&p.done, p.total) {
                     (Some(Err(e)), _) => return Err(e.clone()),
                     (_, Some(t)) => return Ok(t),
-                    (Some(Ok(())), None) => return Ok(p.written),
+                    (Some(Ok(())), None) => return Ok(p.received),
                     (None, None) => {}
                 }
             }
@@ -142,7 +252,7 @@ impl Fill {
             {
                 let p = rx.borrow_and_update();
                 match &p.done {
-                    Some(Ok(())) => return Ok(p.written),
+                    Some(Ok(())) => return Ok(p.received),
                     Some(Err(e)) => return Err(e.clone()),
                     None => {}
                 }
@@ -204,11 +314,12 @@ impl Tail {
             return rest.next().await.transpose();
         }
         loop {
-            let (file, total, written, done, verified) = {
+            let (file, total, received, written, done, verified) = {
                 let p = self.rx.borrow_and_update();
                 (
                     p.file.clone(),
                     p.total,
+                    p.received,
                     p.written,
                     p.done.clone(),
                     p.verified,
@@ -229,7 +340,7 @@ impl Tail {
             }
             let finished = done.is_some() || verified;
             if self.stop.is_none()
-                && let Some(len) = total.or(finished.then_some(written))
+                && let Some(len) = total.or(finished.then_some(received))
             {
                 self.stop = Some(resolve(self.start, self.end_inclusive, len)?.1);
             }
@@ -239,19 +350,36 @@ impl Tail {
             // bytes went out, so handing over the final byte of a blob that later fails
             // verification would deliver corrupt content as a clean response.
             let limit = if verified || matches!(done, Some(Ok(()))) {
-                written.min(want)
+                received.min(want)
             } else {
-                written.min(want.saturating_sub(1))
+                received.min(want.saturating_sub(1))
             };
             if self.pos < limit {
-                let file = file.ok_or(FillError::Aborted)?;
-                let n = (limit - self.pos).min(CHUNK);
-                let pos = self.pos;
-                let bytes = tokio::task::spawn_blocking(move || read_at(&file, pos, n as usize))
-                    .await
-                    .map_err(CacheError::join)??;
-                self.pos += n;
-                return Ok(Some(bytes));
+                let slice = self._shared.mem().slice(self.pos, limit, CHUNK);
+                let spool_end = match slice {
+                    Slice::Mem(b) => {
+                        self.pos += b.len() as u64;
+                        let reads = &self._shared.reads.memory;
+                        reads.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        return Ok(Some(b));
+                    }
+                    Slice::Spool(base) => base.min(limit),
+                    // Cleared after the spool got every byte.
+                    Slice::Ahead => limit.min(written),
+                };
+                if self.pos < spool_end {
+                    let file = file.ok_or(FillError::Aborted)?;
+                    let n = (spool_end - self.pos).min(CHUNK);
+                    let pos = self.pos;
+                    let bytes =
+                        tokio::task::spawn_blocking(move || read_at(&file, pos, n as usize))
+                            .await
+                            .map_err(CacheError::join)??;
+                    self.pos += n;
+                    let reads = &self._shared.reads.spool;
+                    reads.fetch_add(n, Ordering::Relaxed);
+                    return Ok(Some(bytes));
+                }
             }
             if finished && self.pos >= want {
                 return Ok(None);
@@ -285,8 +413,16 @@ impl Drop for InFlightGuard {
 pub(crate) async fn run(guard: InFlightGuard, source: Arc<dyn BlobSource>) {
     let inner = guard.inner.clone();
     let shared = guard.shared.clone();
+    let body = fill_body(&inner, &shared, &guard.hex, source.as_ref());
     let res = tokio::select! {
-        r = fill_body(&inner, &shared, &guard.hex, source.as_ref()) => r,
+        r = async {
+            match inner.cfg.fill_deadline {
+                Some(d) => tokio::time::timeout(d, body)
+                    .await
+                    .unwrap_or(Err(FillError::DeadlineExceeded { after: d })),
+                None => body.await,
+            }
+        } => r,
         () = inner.shutdown.cancelled() => Err(FillError::ShuttingDown),
     };
     match &res {
@@ -301,6 +437,12 @@ pub(crate) async fn run(guard: InFlightGuard, source: Arc<dyn BlobSource>) {
         Err(e) => tracing::warn!(digest = %shared.digest, error = %e, "fill failed"),
     }
     let ok = res.is_ok();
+    if !ok {
+        // Readers of a failed fill end with its error or continue degraded from the upstream:
+        // none reads the window again.
+        let written = shared.tx.borrow().written;
+        shared.mem().clear(written);
+    }
     shared.finish(res);
     drop(guard);
     if ok {
@@ -338,28 +480,82 @@ async fn put_temp(inner: &Inner) -> io::Result<crate::store::Spool> {
         .map_err(io::Error::other)?
 }
 
-/// Batches of upstream bytes queued for the spool writer: the network side keeps
-/// receiving while the previous batches are written and hashed.
+/// Batches queued for the spool writer and for the hasher (each has its own queue).
 const WRITER_QUEUE: usize = 8;
 
-/// Writes and hashes spool batches on a blocking thread, publishing progress to readers.
-/// Runs until the queue closes; returns the hasher and the bytes written.
+/// One batch of upstream bytes, shared by the writer and the hasher; its permit (counted in
+/// KiB of [`MAX_UNSPOOLED`]) returns when both are done with it.
+struct Batch {
+    chunks: Vec<Bytes>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Writes spool batches on a blocking thread and publishes how far the spool got. Returns the
+/// bytes written.
 fn spool_writer(
     file: Arc<File>,
     shared: Arc<FillShared>,
-    mut rx: tokio::sync::mpsc::Receiver<Vec<Bytes>>,
-) -> io::Result<(Sha256Hasher, u64)> {
-    let mut hasher = Sha256Hasher::new();
+    mut rx: mpsc::Receiver<Arc<Batch>>,
+) -> io::Result<u64> {
     let mut written = 0u64;
     while let Some(batch) = rx.blocking_recv() {
-        for b in &batch {
+        for b in &batch.chunks {
             file.write_all_at(b, written)?;
-            hasher.update(b);
             written += b.len() as u64;
         }
         shared.tx.send_modify(|p| p.written = written);
     }
-    Ok((hasher, written))
+    Ok(written)
+}
+
+/// Hashes batches on a blocking thread, in parallel with the writer and the readers.
+fn hasher(mut rx: mpsc::Receiver<Arc<Batch>>) -> (Sha256Hasher, u64) {
+    let mut hasher = Sha256Hasher::new();
+    let mut hashed = 0u64;
+    while let Some(batch) = rx.blocking_recv() {
+        for b in &batch.chunks {
+            hasher.update(b);
+            hashed += b.len() as u64;
+        }
+    }
+    (hasher, hashed)
+}
+
+/// The throughput floor of one upstream body: fewer than `min_rate × window` bytes within a
+/// window means the body trickles, and it is re-opened at its offset.
+struct Floor {
+    min_bytes: u64,
+    window: Duration,
+    ends: Instant,
+    from: u64,
+}
+
+impl Floor {
+    fn new(inner: &Inner, received: u64) -> Option<Self> {
+        let (rate, window) = inner.cfg.fill_min_rate?;
+        (rate > 0 && !window.is_zero()).then(|| Self {
+            min_bytes: u64::try_from(u128::from(rate) * window.as_millis() / 1000)
+                .unwrap_or(u64::MAX),
+            window,
+            ends: Instant::now() + window,
+            from: received,
+        })
+    }
+
+    /// At the end of a window: `Err` when too few bytes came, else the next window starts.
+    fn check(&mut self, received: u64) -> Result<(), Stalled> {
+        let got = received - self.from;
+        if got < self.min_bytes {
+            return Err(Stalled {
+                bytes: got,
+                window: self.window,
+                min_bytes: self.min_bytes,
+            });
+        }
+        self.ends = Instant::now() + self.window;
+        self.from = received;
+        Ok(())
+    }
 }
 
 async fn fill_body(
@@ -385,15 +581,18 @@ async fn fill_body(
     let file = spool.file.clone();
     shared.tx.send_modify(|p| p.file = Some(file.clone()));
 
-    // Receiving from the upstream and writing + hashing the spool overlap: the writer is
-    // a blocking thread fed through a bounded queue (memory stays bounded by
-    // WRITER_QUEUE × WRITE_BATCH chunks).
-    let (queue, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(WRITER_QUEUE);
+    // Readers take the bytes from memory as they arrive; the spool writer and the hasher
+    // follow on their own blocking threads. Bytes neither has finished with are bounded
+    // by MAX_UNSPOOLED (the permits), the window by that plus MEM_KEEP.
+    let unspooled = Arc::new(Semaphore::new(kib(MAX_UNSPOOLED) as usize));
+    let (to_writer, writer_rx) = mpsc::channel::<Arc<Batch>>(WRITER_QUEUE);
+    let (to_hasher, hasher_rx) = mpsc::channel::<Arc<Batch>>(WRITER_QUEUE);
     let writer = {
         let (file, shared) = (file.clone(), shared.clone());
-        tokio::task::spawn_blocking(move || spool_writer(file, shared, rx))
+        tokio::task::spawn_blocking(move || spool_writer(file, shared, writer_rx))
     };
-    // Bytes received and queued; the resume offset (the writer catches up on its own).
+    let hashing = tokio::task::spawn_blocking(move || hasher(hasher_rx));
+    // Bytes received and handed to readers; the resume offset.
     let mut received = 0u64;
     let mut total: Option<u64> = None;
     let mut attempts = 0u32;
@@ -425,9 +624,24 @@ async fn fill_body(
             }
             _ => {}
         }
+        let mut floor = Floor::new(inner, received);
         let mut chunks = body.body.ready_chunks(WRITE_BATCH);
         loop {
-            let Some(batch) = chunks.next().await else {
+            let next = match &mut floor {
+                Some(f) => tokio::select! {
+                    b = chunks.next() => b,
+                    () = tokio::time::sleep_until(f.ends) => {
+                        if let Err(slow) = f.check(received) {
+                            retry_or_fail(inner, &mut attempts, SourceError::retryable(slow))
+                                .await?;
+                            continue 'open;
+                        }
+                        continue;
+                    }
+                },
+                None => chunks.next().await,
+            };
+            let Some(batch) = next else {
                 match total {
                     Some(t) if received < t => {
                         let eof = io::Error::new(
@@ -461,40 +675,67 @@ async fn fill_body(
                         actual: received + n,
                     });
                 }
-                if queue.send(data).await.is_err() {
-                    // The writer stopped: its own error says why.
+                let permit = unspooled
+                    .clone()
+                    .acquire_many_owned(kib(n).min(kib(MAX_UNSPOOLED)))
+                    .await
+                    .map_err(|_| FillError::Aborted)?;
+                let written = shared.tx.borrow().written;
+                shared.mem().push(&data, written);
+                received += n;
+                shared.tx.send_modify(|p| p.received = received);
+                let batch = Arc::new(Batch {
+                    chunks: data,
+                    _permit: permit,
+                });
+                if to_hasher.send(batch.clone()).await.is_err()
+                    || to_writer.send(batch).await.is_err()
+                {
+                    // A blocking thread stopped: its own result says why.
                     break 'open;
                 }
-                received += n;
             }
             if let Some(e) = err {
                 retry_or_fail(inner, &mut attempts, e).await?;
                 continue 'open;
             }
+            if total == Some(received) {
+                // Every announced byte is here: do not wait for the body to close.
+                break 'open;
+            }
         }
     }
-    drop(queue);
-    let (hasher, written) = match writer.await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
+    drop((to_writer, to_hasher));
+    let written = writer.await;
+    let spooled = match written {
+        Ok(Ok(w)) if w == received => Ok(w),
+        Ok(Ok(w)) => Err(io::Error::other(format!(
+            "spool has {w} of {received} bytes"
+        ))),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(io::Error::other(e)),
+    };
+    if let Err(e) = spooled {
+        {
             inner.note_write_error("spool", &e);
             return Err(FillError::Spool(Arc::new(e)));
         }
-        Err(e) => return Err(FillError::from(io::Error::other(e))),
     };
-    if written != received {
+    let (hasher, hashed) = hashing
+        .await
+        .map_err(|e| FillError::from(io::Error::other(e)))?;
+    if hashed != received {
         return Err(FillError::LengthMismatch {
             expected: received,
-            actual: written,
+            actual: hashed,
         });
     }
-
     if let Some(t) = total
-        && t != written
+        && t != received
     {
         return Err(FillError::LengthMismatch {
             expected: t,
-            actual: written,
+            actual: received,
         });
     }
     let actual = hasher.finish_hex();
@@ -506,16 +747,18 @@ async fn fill_body(
         });
     }
     shared.tx.send_modify(|p| {
-        p.total = Some(written);
+        p.total = Some(received);
         p.verified = true;
     });
+    // Every byte is in the spool: readers still in the window continue from there.
+    shared.mem().clear(received);
     if inner.cfg.persist {
         let key = ObjectKey {
             kind: Kind::Blob,
             hex: hex.clone(),
         };
         let meta = ObjectMeta {
-            size: written,
+            size: received,
             media_type: None,
             references: Vec::new(),
         };
@@ -526,7 +769,7 @@ async fn fill_body(
                 inner.note_write_ok();
                 let pin = inner
                     .index
-                    .insert_blob(hex.clone(), written, now_ms(), true);
+                    .insert_blob(hex.clone(), received, now_ms(), true);
                 // Only the fill task sets it, once.
                 let _ = shared.pin.set(pin);
             }
@@ -535,4 +778,9 @@ async fn fill_body(
     }
     // Without persistence the spool is unlinked here; open handles keep serving current readers.
     Ok(())
+}
+
+/// Permits of the unspooled budget: one per started KiB.
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
 }

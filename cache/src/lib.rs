@@ -7,8 +7,9 @@
 //! - `lib.rs`: [`Cache`] (the API the proxy calls), [`CacheConfig`], [`CacheStats`], hit types.
 //! - [`store`]: the [`BlobStore`] trait (spool, commit, open, list, remove, touch, tag records)
 //!   and [`FsStore`], the embedded filesystem backend and its on-disk layout.
-//! - `fill`: single-flight fills: one task owns the upstream body, hashes and spools it, resumes
-//!   after drops; [`Fill`] handles tail the spool through a `watch`.
+//! - `fill`: single-flight fills: one task owns the upstream body, serves readers from memory
+//!   as it arrives while it is hashed and spooled beside them, resumes after drops and
+//!   trickles; [`Fill`] handles follow it through a `watch` (late or slow ones via the spool).
 //! - `index`: in-memory index rebuilt from disk (sizes, last access, pins, manifest references).
 //! - `evict`: LRU eviction between watermarks, manifests before the blobs they reference.
 //! - `names`: digest, repository and tag validation before any path is built; SHA-256.
@@ -46,7 +47,7 @@ use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use error::{CacheError, FillError, SourceError};
+pub use error::{CacheError, FillError, SourceError, Stalled};
 pub use fill::Fill;
 pub use names::{Hex, TagKey};
 pub use oci_spec::image::Digest;
@@ -95,6 +96,13 @@ pub struct CacheConfig {
     pub scrub_rate: Option<u64>,
     /// Pause between two scrub passes over the whole cache.
     pub scrub_interval: Duration,
+    /// Throughput floor of an upstream body: `(bytes per second, window)`. A body that
+    /// delivers less within a window is re-opened at its offset (counts against
+    /// `resume_attempts`). `None` = no floor.
+    pub fill_min_rate: Option<(u64, Duration)>,
+    /// Overall deadline of one fill, resumes included; then it fails and its readers abort.
+    /// `None` = none.
+    pub fill_deadline: Option<Duration>,
 }
 
 impl Default for CacheConfig {
@@ -111,6 +119,8 @@ impl Default for CacheConfig {
             verify: VerifyMode::FirstRead,
             scrub_rate: None,
             scrub_interval: Duration::from_secs(3600),
+            fill_min_rate: Some((64 * 1024, Duration::from_secs(30))),
+            fill_deadline: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -135,6 +145,10 @@ pub struct CacheStats {
     pub digest_mismatches_total: u64,
     /// Upstream re-opens after a retryable failure.
     pub resumes_total: u64,
+    /// Bytes readers of in-flight fills took from memory, as they arrived.
+    pub fill_memory_bytes_total: u64,
+    /// Bytes readers of in-flight fills read back from the spool (joined late or fell behind).
+    pub fill_spool_bytes_total: u64,
     /// Committed objects found truncated or corrupt and removed.
     pub corrupt_total: u64,
     /// Writes to the cache that failed (spool, commit, manifest, tag record).
@@ -281,6 +295,7 @@ pub(crate) struct Inner {
     index: Index,
     inflight: DashMap<Hex, Arc<FillShared>>,
     stats: Counters,
+    fill_reads: Arc<fill::FillReads>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     evict_lock: tokio::sync::Mutex<()>,
@@ -374,6 +389,7 @@ impl Cache {
             index,
             inflight: DashMap::new(),
             stats: Counters::default(),
+            fill_reads: Arc::default(),
             tasks,
             shutdown,
             evict_lock: tokio::sync::Mutex::new(()),
@@ -463,7 +479,11 @@ impl Cache {
                     tasks: self.inner.tasks.clone(),
                     shutdown: self.inner.shutdown.clone(),
                 };
-                let shared = Arc::new(FillShared::new(digest.clone(), Some(fallback)));
+                let shared = Arc::new(FillShared::new(
+                    digest.clone(),
+                    Some(fallback),
+                    self.inner.fill_reads.clone(),
+                ));
                 v.insert(shared.clone());
                 shared
             }
@@ -699,6 +719,8 @@ impl Cache {
             evictions_total: i.stats.evictions.load(Ordering::Relaxed),
             digest_mismatches_total: i.stats.digest_mismatches.load(Ordering::Relaxed),
             resumes_total: i.stats.resumes.load(Ordering::Relaxed),
+            fill_memory_bytes_total: i.fill_reads.memory.load(Ordering::Relaxed),
+            fill_spool_bytes_total: i.fill_reads.spool.load(Ordering::Relaxed),
             corrupt_total: i.stats.corrupt.load(Ordering::Relaxed),
             write_errors_total: i.stats.write_errors.load(Ordering::Relaxed),
             degraded_since: i.health().since_unix,

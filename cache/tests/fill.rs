@@ -453,3 +453,164 @@ async fn non_sha256_digests_are_rejected() {
     ));
     h.stop().await;
 }
+
+/// The leader's reader is served from memory as the bytes arrive; a follower that joins late
+/// and one that stalls (falling behind the memory window) read the spool until they catch up,
+/// and every reader gets the exact blob from one upstream open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_reads_memory_late_and_slow_followers_read_the_spool() {
+    const MIB: usize = 1024 * 1024;
+    const PIECE: usize = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(24 * MIB);
+    let d = digest_of(&body);
+    let (src, mut txs) = Gated::new(body.len() as u64, 1);
+    let src = Arc::new(src);
+    let tx = txs.remove(0);
+
+    let fill = h.cache.fill(&d, src.clone());
+    assert!(fill.is_leader());
+    let got = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let leader = {
+        let (mut r, got) = (fill.reader(0, u64::MAX), got.clone());
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            while let Some(c) = r.next().await {
+                let c = c?;
+                out.extend_from_slice(&c);
+                got.store(out.len() as u64, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok::<_, CacheError>(out)
+        })
+    };
+    // The slow follower takes one chunk, then stalls until the fill is far ahead of it.
+    let go = Arc::new(tokio::sync::Notify::new());
+    let slow = {
+        let (mut r, go) = (fill.reader(0, u64::MAX), go.clone());
+        tokio::spawn(async move {
+            let mut out = r.next().await.unwrap()?.to_vec();
+            go.notified().await;
+            out.extend(collect(r).await?);
+            Ok::<_, CacheError>(out)
+        })
+    };
+
+    let feed = |from: usize, to: usize| {
+        let (tx, body) = (tx.clone(), body.clone());
+        async move {
+            for p in (from..to).step_by(PIECE) {
+                tx.send(body.slice(p..(p + PIECE).min(to))).await.unwrap();
+            }
+        }
+    };
+    // The leader's client keeps up with the upstream (as a client on a fast link does).
+    for m in 0..20 {
+        feed(m * MIB, (m + 1) * MIB).await;
+        eventually("the leader has every byte sent so far", || {
+            got.load(std::sync::atomic::Ordering::SeqCst) == ((m + 1) * MIB) as u64
+        })
+        .await;
+    }
+    let s = h.cache.stats();
+    assert_eq!(
+        s.fill_spool_bytes_total, 0,
+        "the leader (and the slow follower's first chunk) came from memory"
+    );
+    assert!(s.fill_memory_bytes_total >= (20 * MIB) as u64);
+
+    // Joins 20 MiB into the fill: the start is no longer in memory.
+    let late = h.cache.fill(&d, src.clone());
+    assert!(!late.is_leader(), "joined the running fill");
+    let late = tokio::spawn(collect(late.reader(0, u64::MAX)));
+    go.notify_one();
+    feed(20 * MIB, body.len()).await;
+    drop(tx);
+
+    assert_eq!(leader.await.unwrap().unwrap(), body, "leader bytes");
+    assert_eq!(slow.await.unwrap().unwrap(), body, "slow follower bytes");
+    assert_eq!(late.await.unwrap().unwrap(), body, "late follower bytes");
+    assert_eq!(src.opens(), vec![0], "exactly one upstream open");
+    let s = h.cache.stats();
+    assert!(
+        s.fill_spool_bytes_total >= (2 * 8 * MIB) as u64,
+        "the two followers read back what left memory: {s:?}"
+    );
+    fill.wait().await.unwrap();
+    assert!(h.cache.verify_blob(&d).await.unwrap());
+    h.stop().await;
+}
+
+/// An upstream body that trickles below the floor is re-opened at its offset; when every
+/// attempt trickles, the resume budget fails the fill, and the overall deadline fails a fill
+/// that never ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_body_is_resumed_then_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.fill_min_rate = Some((64 * 1024, std::time::Duration::from_millis(200)));
+    c.resume_attempts = 2;
+    let h = open(c).await;
+
+    // First body: 100 KiB, then it stalls; the second body delivers the rest.
+    let body = data(300_000);
+    let d = digest_of(&body);
+    let (src, txs) = Gated::new(body.len() as u64, 2);
+    let src = Arc::new(src);
+    txs[0].send(body.slice(..100_000)).await.unwrap();
+    let fill = h.cache.fill(&d, src.clone());
+    let reader = tokio::spawn(collect(fill.reader(0, u64::MAX)));
+    eventually("the trickling body is re-opened", || src.opens().len() == 2).await;
+    assert_eq!(
+        src.opens(),
+        vec![0, 100_000],
+        "resumed at the received offset"
+    );
+    txs[1].send(body.slice(100_000..)).await.unwrap();
+    assert_eq!(reader.await.unwrap().unwrap(), body);
+    assert_eq!(h.cache.stats().resumes_total, 1);
+
+    // Every body trickles: two resumes, then the fill fails and so does its reader.
+    let body = data(200_000);
+    let d = digest_of(&body);
+    let (src, txs) = Gated::new(body.len() as u64, 3);
+    let src = Arc::new(src);
+    for (i, tx) in txs.iter().enumerate() {
+        tx.send(body.slice(i * 1000..(i + 1) * 1000)).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let fill = h.cache.fill(&d, src.clone());
+    let err = collect(fill.reader(0, u64::MAX)).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            CacheError::Fill(FillError::ResumeExhausted { last, .. })
+                if last.downcast_ref::<registry_cache::Stalled>().is_some()
+        ),
+        "{err:?}"
+    );
+    assert_eq!(src.opens(), vec![0, 1000, 2000]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    drop(txs);
+    h.stop().await;
+
+    // The overall deadline ends a fill whose upstream keeps the floor but never finishes.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.fill_deadline = Some(std::time::Duration::from_millis(300));
+    let h = open(c).await;
+    let (src, txs) = Gated::new(body.len() as u64, 1);
+    txs[0].send(body.slice(..1000)).await.unwrap();
+    let fill = h.cache.fill(&d, Arc::new(src));
+    let err = collect(fill.reader(0, u64::MAX)).await.unwrap_err();
+    assert!(
+        matches!(err, CacheError::Fill(FillError::DeadlineExceeded { .. })),
+        "{err:?}"
+    );
+    assert!(
+        files_in(&dir.path().join("tmp")).is_empty(),
+        "spool removed"
+    );
+    drop(txs);
+    h.stop().await;
+}

@@ -62,5 +62,11 @@ pub const TLS_SANS_ANNOTATION: &str = "registry.deckhouse.io/tls-sans";
 pub const NODE_CONTAINERD_LABEL: &str = "node.deckhouse.io/containerd-config-registry";
 /// Deckhouse leader pod annotation holding the `deckhouse-registry` checksum it runs with.
 pub const DECKHOUSE_POD_CHECKSUM_ANNOTATION: &str = "checksum/registry-version";
+/// Namespace of [`BOOTSTRAPPED_CONFIGMAP`].
+pub const BOOTSTRAPPED_NAMESPACE: &str = "kube-system";
+/// ConfigMap Deckhouse creates once the cluster is bootstrapped (the typo is Deckhouse's).
+pub const BOOTSTRAPPED_CONFIGMAP: &str = "d8-cluster-is-bootstraped";
+/// Label selector of the deckhouse leader pod.
+pub const DECKHOUSE_LEADER_SELECTOR: &str = "app=deckhouse,leader=true";
 /// Master node label.
 pub const MASTER_LABEL: &str = "node-role.kubernetes.io/control-plane";

@@ -11,11 +11,14 @@
 //! - [`render`]: every owned object (proxy secret, Deployment, PDB, Service, `deckhouse-registry`,
 //!   `registry-bashible-config`) built from parameters, plus the node `hosts.toml` files.
 //! - [`pki`]: CA and serving leaf generation with rcgen and the renewal rule.
-//! - [`probe`]: the upstream checker and the active probe through the proxy's Service.
+//! - [`probe`]: the upstream checker's requests and the active probe through the proxy's Service.
+//! - [`checker`]: the checker as a background job whose progress the reconcile reads.
 //! - [`reconcile`]: reads the cluster, runs the machine and applies the plan (server-side apply).
-//! - [`leader`]: Lease-based leader election for `run`.
+//! - [`leader`]: Lease-based leader election and the write guard ([`leader::Leadership`]).
+//! - [`run`]: the `run` loop: elector task, leader-only passes, shutdown.
 #![warn(missing_docs)]
 
+pub mod checker;
 pub mod conditions;
 pub mod config;
 pub mod consts;
@@ -25,6 +28,7 @@ pub mod pki;
 pub mod probe;
 pub mod reconcile;
 pub mod render;
+pub mod run;
 pub mod state;
 
 /// Every failure the controller library reports.
@@ -59,6 +63,10 @@ pub enum Error {
     /// An HTTP client could not be built.
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
+    /// This replica does not hold the Lease (or its renewal deadline has passed): the pass
+    /// stopped before its next write.
+    #[error("not the leader: the lease was not renewed within the renew deadline")]
+    NotLeader,
 }
 
 /// Result alias of this crate.

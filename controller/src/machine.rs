@@ -137,6 +137,53 @@ pub struct Observed {
     pub ca_pem: String,
     /// Where nodes dial the proxy (the Service's ClusterIP), once the Service has one.
     pub proxy_endpoint: Option<ProxyEndpoint>,
+    /// ConfigMap `kube-system/d8-cluster-is-bootstraped` exists (Deckhouse's
+    /// `global.clusterIsBootstrapped`).
+    pub bootstrapped: bool,
+    /// Nodes labelled `node-role.kubernetes.io/control-plane`.
+    pub masters: usize,
+}
+
+/// Why a switch cannot even start on this cluster: the condition to set False (or True, for
+/// `ErrTransitionNotSupported`) with reason `Error`, and the message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Condition type that carries the refusal.
+    pub condition: &'static str,
+    /// Why, for the operator.
+    pub message: String,
+}
+
+/// Refuses an Unmanaged → Direct switch the seed says cannot work, instead of waiting forever:
+/// - before bootstrap (Deckhouse forbids bootstrapping straight into Direct);
+/// - on a managed cluster (EKS and the like), recognised by no visible control-plane node:
+///   its nodes run stock containerd without Deckhouse's node configuration, and the proxy,
+///   which runs on control-plane nodes, could never be scheduled.
+pub fn refuse_direct(current: Mode, bootstrapped: bool, masters: usize) -> Option<Refusal> {
+    if current != Mode::Unmanaged {
+        return None;
+    }
+    if !bootstrapped {
+        return Some(Refusal {
+            condition: types::ERR_TRANSITION_NOT_SUPPORTED,
+            message: format!(
+                "mode transition from Unmanaged to Direct not supported before the cluster is bootstrapped \
+                 (ConfigMap {}/{} is missing): bootstrap in Unmanaged, then switch to Direct",
+                crate::consts::BOOTSTRAPPED_NAMESPACE,
+                crate::consts::BOOTSTRAPPED_CONFIGMAP
+            ),
+        });
+    }
+    if masters == 0 {
+        return Some(Refusal {
+            condition: types::CONTAINERD_CONFIG_PREFLIGHT_READY,
+            message: "managed cluster: no control-plane node is visible; Direct mode needs \
+                      Deckhouse-managed nodes (Deckhouse's containerd) and control-plane nodes \
+                      for the proxy"
+                .into(),
+        });
+    }
+    None
 }
 
 /// What to do with Service `registry`.
@@ -214,6 +261,8 @@ struct Ctx<'a> {
     o: &'a Observed,
     c: Conditions,
     g: i64,
+    /// `ErrTransitionNotSupported` was set in this pass (else it is dropped at the end).
+    refused: bool,
 }
 
 impl Ctx<'_> {
@@ -435,8 +484,15 @@ fn final_step(x: &mut Ctx<'_>, plan: &mut Plan, final_cfg: BashibleConfig) -> bo
     true
 }
 
-fn to_direct(x: &mut Ctx<'_>, plan: &mut Plan, p: &UpstreamParams) {
+fn to_direct(x: &mut Ctx<'_>, plan: &mut Plan, current: Mode, p: &UpstreamParams) {
     let o = x.o;
+    if let Some(r) = refuse_direct(current, o.bootstrapped, o.masters) {
+        let is_err = r.condition == types::ERR_TRANSITION_NOT_SUPPORTED;
+        x.refused |= is_err;
+        x.c.set(r.condition, is_err, reasons::ERROR, &r.message, x.g, &o.now);
+        x.c.set(types::READY, false, reasons::ERROR, &r.message, x.g, &o.now);
+        return;
+    }
     plan.ensure_pki = true;
     plan.state.in_cluster_proxy_version = o.expected_proxy_version.clone().unwrap_or_default();
     let (go, final_cfg) = common_steps(x, plan, Mode::Direct, p);
@@ -551,6 +607,7 @@ fn cleanup_step(x: &mut Ctx<'_>, plan: &mut Plan) -> bool {
 }
 
 fn forbidden(x: &mut Ctx<'_>, from: &str, to: Mode) {
+    x.refused = true;
     let msg = format!("mode transition from {from} to {to} not supported");
     x.c.set(
         types::ERR_TRANSITION_NOT_SUPPORTED,
@@ -594,7 +651,6 @@ pub fn step(o: &Observed) -> Plan {
         state.conditions.clone()
     };
     conditions.prune();
-    conditions.remove(types::ERR_TRANSITION_NOT_SUPPORTED);
     state.target_mode = target_mode.as_str().into();
     state.target_params = target.params().map(RedactedParams::from);
     let current = Mode::parse(&state.mode).unwrap_or_default();
@@ -603,6 +659,7 @@ pub fn step(o: &Observed) -> Plan {
         o,
         c: conditions,
         g: o.generation,
+        refused: false,
     };
     // A switch towards Direct got past the `deckhouse-registry` step without completing.
     let live_proxy = o
@@ -612,7 +669,9 @@ pub fn step(o: &Observed) -> Plan {
         || o.deployment.is_some();
 
     match (current, target) {
-        (Mode::Unmanaged | Mode::Direct, Target::Direct(p)) => to_direct(&mut x, &mut plan, p),
+        (Mode::Unmanaged | Mode::Direct, Target::Direct(p)) => {
+            to_direct(&mut x, &mut plan, current, p)
+        }
         (Mode::Direct, Target::Unmanaged(Some(p))) => to_unmanaged(&mut x, &mut plan, p),
         // `mode: Unmanaged` alone: back to the upstream Direct used, as recorded by us.
         (Mode::Direct, Target::Unmanaged(None)) => match &o.actual {
@@ -645,6 +704,10 @@ pub fn step(o: &Observed) -> Plan {
             let from = from.as_str();
             forbidden(&mut x, from, to.mode());
         }
+    }
+    // Kept (with its lastTransitionTime) while the refusal lasts, gone once it does not.
+    if !x.refused {
+        x.c.remove(types::ERR_TRANSITION_NOT_SUPPORTED);
     }
     let errored =
         x.c.get(types::READY)

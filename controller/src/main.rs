@@ -10,9 +10,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use registry_controller::config::{Mode, Target, parse_module_config};
 use registry_controller::consts::{NAMESPACE, STATE_SECRET};
-use registry_controller::leader::{LeaderElector, RENEW_PERIOD};
-use registry_controller::reconcile::{Reconciler, Settings, render_all};
+use registry_controller::leader::LeaseTiming;
+use registry_controller::reconcile::{Settings, render_all};
 use registry_controller::render::{self, BashibleConfig};
+use registry_controller::run::{self, RunOptions};
 use registry_controller::state;
 
 #[derive(Parser)]
@@ -283,50 +284,24 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             identity,
         } => {
             let client = kube::Client::try_default().await?;
-            let elector = LeaderElector::new(client.clone(), identity);
-            let reconciler = Reconciler::new(client, settings.into());
+            let cancel = tokio_util::sync::CancellationToken::new();
             let shutdown = shutdown_signal()?;
-            tokio::pin!(shutdown);
-            let mut last_reconcile: Option<tokio::time::Instant> = None;
-            loop {
-                let leading = tokio::select! {
-                    r = elector.try_acquire() => match r {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "lease");
-                            false
-                        }
-                    },
-                    _ = &mut shutdown => break,
-                };
-                let due = last_reconcile.is_none_or(|t| t.elapsed() >= interval);
-                if leading && due {
-                    // A pass cut short by shutdown is safe: every write is an idempotent apply.
-                    tokio::select! {
-                        r = reconciler.reconcile_once() => match r {
-                            Ok(o) => tracing::info!(
-                                mode = %o.plan.state.mode,
-                                target = %o.plan.state.target_mode,
-                                ready = o.plan.ready(),
-                                "reconciled"
-                            ),
-                            Err(e) => tracing::warn!(error = %e, "reconcile failed; retrying"),
-                        },
-                        _ = &mut shutdown => break,
-                    }
-                    last_reconcile = Some(tokio::time::Instant::now());
+            let opts = RunOptions {
+                identity,
+                interval,
+                lease: LeaseTiming::default(),
+                release_timeout: Duration::from_secs(2),
+            };
+            let running = run::run(client, settings.into(), opts, cancel.clone());
+            tokio::pin!(running);
+            // The signal only cancels: `run` then stops its pass, revokes its own write
+            // permission and releases the Lease before it returns.
+            tokio::select! {
+                () = &mut running => {}
+                () = shutdown => {
+                    cancel.cancel();
+                    running.await;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(RENEW_PERIOD.min(interval)) => {}
-                    _ = &mut shutdown => break,
-                }
-            }
-            // Hand the Lease over now rather than after it expires; bounded so a dead API
-            // server cannot hold up the exit.
-            match tokio::time::timeout(Duration::from_secs(2), elector.release()).await {
-                Ok(Ok(())) => tracing::info!("stopped; lease released"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "stopped; lease not released"),
-                Err(_) => tracing::warn!("stopped; lease release timed out"),
             }
         }
     }

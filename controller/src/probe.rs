@@ -462,26 +462,11 @@ pub async fn run_checker(
     items: &[CheckItem],
     version: String,
 ) -> CheckerObs {
-    let base = p.url();
-    let creds = p.credentials();
     let results: Vec<(CheckItem, Result<(), Failure>)> =
         futures_util::stream::iter(items.iter().cloned())
-            .map(|item| {
-                let base = base.clone();
-                async move {
-                    let res = match item
-                        .image
-                        .strip_prefix(&format!("{}/", p.host))
-                        .and_then(split_reference)
-                    {
-                        Some((repo, r)) => head_manifest(client, &base, repo, r, creds).await,
-                        None => Err(Failure {
-                            outcome: "sentinel",
-                            detail: "bad image reference".into(),
-                        }),
-                    };
-                    (item, res)
-                }
+            .map(|item| async move {
+                let res = check_item(client, p, &item).await;
+                (item, res)
             })
             .buffer_unordered(CHECKER_PARALLELISM)
             .collect()
@@ -492,6 +477,19 @@ pub async fn run_checker(
         .collect();
     errors.sort_by(|a, b| a.0.image.cmp(&b.0.image));
     let total = items.len();
+    checker_obs(p, version, total, total, &errors)
+}
+
+/// The checker's condition in the seed's format: `all N items are checked` when done without
+/// errors, else `P of T items processed` and, with errors, `, E items with errors:` and up to
+/// [`CHECKER_MAX_ERRORS`] of them.
+pub fn checker_obs(
+    p: &UpstreamParams,
+    version: String,
+    total: usize,
+    processed: usize,
+    errors: &[(CheckItem, Failure)],
+) -> CheckerObs {
     let header = format!("Mode: {}\n{}", p.check_mode.as_str(), p.host);
     if total == 0 {
         return CheckerObs {
@@ -500,17 +498,17 @@ pub async fn run_checker(
             message: format!("{header}: no items to check (deckhouse Deployment not found)"),
         };
     }
-    if errors.is_empty() {
+    if errors.is_empty() && processed >= total {
         return CheckerObs {
             version,
             ready: true,
             message: format!("{header}: all {total} items are checked"),
         };
     }
-    let mut msg = format!(
-        "{header}: {total} of {total} items processed, {} items with errors:",
-        errors.len()
-    );
+    let mut msg = format!("{header}: {processed} of {total} items processed");
+    if !errors.is_empty() {
+        msg.push_str(&format!(", {} items with errors:", errors.len()));
+    }
     for (item, f) in errors.iter().take(CHECKER_MAX_ERRORS) {
         msg.push_str(&format!(
             "\n- source: {}\n  image: {}\n  error: {}: {}",
@@ -524,6 +522,25 @@ pub async fn run_checker(
         version,
         ready: false,
         message: msg,
+    }
+}
+
+/// Checks one item against the upstream directly.
+pub async fn check_item(
+    client: &reqwest::Client,
+    p: &UpstreamParams,
+    item: &CheckItem,
+) -> Result<(), Failure> {
+    match item
+        .image
+        .strip_prefix(&format!("{}/", p.host))
+        .and_then(split_reference)
+    {
+        Some((repo, r)) => head_manifest(client, &p.url(), repo, r, p.credentials()).await,
+        None => Err(Failure {
+            outcome: "sentinel",
+            detail: "bad image reference".into(),
+        }),
     }
 }
 

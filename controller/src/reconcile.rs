@@ -8,23 +8,28 @@ use std::sync::Arc;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::checker::BackgroundChecker;
 use crate::config::{Mode, Target, UpstreamParams, parse_module_config};
 use crate::consts::*;
+use crate::leader::Leadership;
 use crate::machine::{
     self, DeckhousePodObs, DeploymentObs, NodeObs, Observed, Plan, ServiceAction,
 };
 use crate::render::{self, BashibleConfig, ProxyInputs, ProxyPki, RegistryAccess};
 use crate::{Error, Result, pki, probe, sha256_hex, state};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// How the controller runs (from CLI flags).
 #[derive(Clone, Debug)]
@@ -71,7 +76,16 @@ pub struct Reconciler {
     /// One recorder for the process: its cache turns a repeated Warning into one Event
     /// with a growing series count instead of a new Event per pass.
     recorder: Recorder,
+    /// Guard checked before every write (`None`: a single writer, as in the scenario tests).
+    leadership: Option<Leadership>,
+    /// Nodes as a watch keeps them (`run`); `None`: paginated LIST per pass.
+    node_store: Option<Store<Node>>,
+    /// The image checker's background job.
+    checker: BackgroundChecker,
 }
+
+/// Page size of a node LIST (client-go's pager default).
+pub const NODE_PAGE: u32 = 500;
 
 /// The `ModuleConfig` API resource.
 pub fn module_config_resource() -> ApiResource {
@@ -79,26 +93,6 @@ pub fn module_config_resource() -> ApiResource {
         &GroupVersionKind::gvk("deckhouse.io", "v1alpha1", "ModuleConfig"),
         "moduleconfigs",
     )
-}
-
-async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K>
-where
-    K: Resource + Serialize + DeserializeOwned + Clone + Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    Ok(api.patch(&name, &pp, &Patch::Apply(obj)).await?)
-}
-
-async fn delete_opt<K>(api: &Api<K>, name: &str) -> Result<()>
-where
-    K: Resource + Clone + DeserializeOwned + Debug,
-{
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn secret_str(s: &Secret, key: &str) -> Option<String> {
@@ -147,6 +141,79 @@ impl Reconciler {
             client,
             settings,
             recorder,
+            leadership: None,
+            node_store: None,
+            checker: BackgroundChecker::new(CancellationToken::new(), Arc::default()),
+        }
+    }
+
+    /// Background work (the checker) stops when `cancel` fires and notifies `changed` when
+    /// it has news for a pass.
+    pub fn with_background(mut self, cancel: CancellationToken, changed: Arc<Notify>) -> Self {
+        self.checker = BackgroundChecker::new(cancel, changed);
+        self
+    }
+
+    /// Stops the background checker and waits for it.
+    pub async fn shutdown(&self) {
+        self.checker.shutdown().await;
+    }
+
+    /// Writes only while `leadership` allows it: each write checks it first, so a pass that
+    /// outlives the Lease stops with [`Error::NotLeader`] before its next write.
+    pub fn with_leadership(mut self, leadership: Leadership) -> Self {
+        self.leadership = Some(leadership);
+        self
+    }
+
+    /// Reads nodes from `store` (kept by a watch) instead of listing them every pass.
+    pub fn with_node_store(mut self, store: Store<Node>) -> Self {
+        self.node_store = Some(store);
+        self
+    }
+
+    /// Every node: from the watch's store when there is one, else a LIST in pages of
+    /// [`NODE_PAGE`], as client-go's pager does.
+    async fn nodes(&self) -> Result<Vec<Arc<Node>>> {
+        if let Some(store) = &self.node_store {
+            return Ok(store.state());
+        }
+        let api: Api<Node> = Api::all(self.client.clone());
+        let mut out = Vec::new();
+        let mut lp = ListParams::default().limit(NODE_PAGE);
+        loop {
+            let page = api.list(&lp).await?;
+            out.extend(page.items.into_iter().map(Arc::new));
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp = lp.continue_token(&c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    fn may_write(&self) -> Result<()> {
+        self.leadership.as_ref().map_or(Ok(()), Leadership::check)
+    }
+
+    async fn apply<K>(&self, api: &Api<K>, obj: &K) -> Result<K>
+    where
+        K: Resource + Serialize + DeserializeOwned + Clone + Debug,
+    {
+        self.may_write()?;
+        let name = obj.meta().name.clone().unwrap_or_default();
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        Ok(api.patch(&name, &pp, &Patch::Apply(obj)).await?)
+    }
+
+    async fn delete_opt<K>(&self, api: &Api<K>, name: &str) -> Result<()>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug,
+    {
+        self.may_write()?;
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -205,45 +272,13 @@ impl Reconciler {
             actual = Some(a);
         }
 
-        // PKI: only needed when heading to Direct; created once, kept until leaving Direct.
-        let target_direct = match &target {
-            Ok(Target::Direct(p)) => Some(p.clone()),
-            _ => None,
-        };
-        let mut pki_secret = secrets.get_opt(PKI_SECRET).await?;
-        if target_direct.is_some() && pki_secret.is_none() {
-            let ca = pki::generate_ca(now)?;
-            let s = opaque_secret(
-                PKI_SECRET,
-                BTreeMap::from([
-                    ("ca.crt".into(), ca.cert_pem),
-                    ("ca.key".into(), ca.key_pem),
-                    ("token.key".into(), pki::generate_token_key()?),
-                ]),
-            )?;
-            pki_secret = Some(apply(&secrets, &s).await?);
-        }
-        let ca = pki_secret.as_ref().and_then(|s| {
-            Some(pki::Ca {
-                cert_pem: secret_str(s, "ca.crt")?,
-                key_pem: secret_str(s, "ca.key")?,
-            })
-        });
-        let token_key = pki_secret
-            .as_ref()
-            .and_then(|s| secret_str(s, "token.key"))
-            .unwrap_or_default();
-
         // Cluster.
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let node_list = nodes.list(&ListParams::default()).await?;
+        let node_list = self.nodes().await?;
         let masters = node_list
-            .items
             .iter()
             .filter(|n| n.labels().contains_key(MASTER_LABEL))
             .count();
         let node_obs: Vec<NodeObs> = node_list
-            .items
             .iter()
             .map(|n| NodeObs {
                 name: n.name_any(),
@@ -257,6 +292,49 @@ impl Reconciler {
                     .filter(|v| !v.is_empty()),
             })
             .collect();
+        let current = Mode::parse(prev.mode_or_default()).unwrap_or_default();
+        // Only a switch into Direct asks whether the cluster can take it.
+        let bootstrapped = match (&target, current) {
+            (Ok(Target::Direct(_)), Mode::Unmanaged) => {
+                let cms: Api<ConfigMap> =
+                    Api::namespaced(self.client.clone(), BOOTSTRAPPED_NAMESPACE);
+                cms.get_opt(BOOTSTRAPPED_CONFIGMAP).await?.is_some()
+            }
+            _ => true,
+        };
+        let refused = machine::refuse_direct(current, bootstrapped, masters).is_some()
+            && matches!(target, Ok(Target::Direct(_)));
+
+        // PKI: only needed when heading to Direct; created once, kept until leaving Direct.
+        // A refused switch writes nothing but its state: no PKI, no checker run.
+        let target_direct = match &target {
+            Ok(Target::Direct(p)) if !refused => Some(p.clone()),
+            _ => None,
+        };
+        let mut pki_secret = secrets.get_opt(PKI_SECRET).await?;
+        if target_direct.is_some() && pki_secret.is_none() {
+            let ca = pki::generate_ca(now)?;
+            let s = opaque_secret(
+                PKI_SECRET,
+                BTreeMap::from([
+                    ("ca.crt".into(), ca.cert_pem),
+                    ("ca.key".into(), ca.key_pem),
+                    ("token.key".into(), pki::generate_token_key()?),
+                ]),
+            )?;
+            pki_secret = Some(self.apply(&secrets, &s).await?);
+        }
+        let ca = pki_secret.as_ref().and_then(|s| {
+            Some(pki::Ca {
+                cert_pem: secret_str(s, "ca.crt")?,
+                key_pem: secret_str(s, "ca.key")?,
+            })
+        });
+        let token_key = pki_secret
+            .as_ref()
+            .and_then(|s| secret_str(s, "token.key"))
+            .unwrap_or_default();
+
         let bashible_exists = secrets.get_opt(BASHIBLE_SECRET).await?.is_some();
         let deployment = deployments.get_opt(DEPLOYMENT_NAME).await?;
         let deployment_obs = deployment.as_ref().map(|d| {
@@ -278,7 +356,7 @@ impl Reconciler {
             .and_then(|s| s.cluster_ip.clone());
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), NAMESPACE);
         let leader = pods
-            .list(&ListParams::default().labels("app=deckhouse,leader=true"))
+            .list(&ListParams::default().labels(DECKHOUSE_LEADER_SELECTOR))
             .await?
             .items
             .into_iter()
@@ -371,7 +449,6 @@ impl Reconciler {
         }
 
         // Network checks, only where the pipeline can use them.
-        let current = Mode::parse(prev.mode_or_default()).unwrap_or_default();
         let leaving_direct = current == Mode::Direct || deployment.is_some();
         // `mode: Unmanaged` alone goes back to the upstream the live Direct config uses.
         let target_params = match &target {
@@ -389,7 +466,7 @@ impl Reconciler {
             )
         });
         let needs_checker = match &target {
-            Ok(Target::Direct(_)) => true,
+            Ok(Target::Direct(_)) => !refused,
             Ok(Target::Unmanaged(_)) => leaving_direct,
             _ => false,
         };
@@ -401,9 +478,9 @@ impl Reconciler {
         if let (true, Some(p), Some(v)) = (needs_checker, &target_params, &checker_version) {
             let cached_ok = checker.as_ref().is_some_and(|c| &c.version == v && c.ready);
             if !cached_ok {
+                // Off the hot path: the job runs in the background; this pass sees its progress.
                 let items = probe::checker_items(p, &dh_containers, p.check_mode);
-                let client = probe::upstream_client(p)?;
-                checker = Some(probe::run_checker(&client, p, &items, v.clone()).await);
+                checker = Some(self.checker.observe(v, p, items)?);
             }
         }
         let mut probe_result = None;
@@ -447,40 +524,42 @@ impl Reconciler {
                 .as_deref()
                 .zip(ca.as_ref())
                 .and_then(|(ip, c)| render::ProxyEndpoint::for_cluster_ip(ip, &c.cert_pem)),
+            bootstrapped,
+            masters,
         };
         let plan = machine::step(&observed);
         let hash = observation_hash(&observed);
 
         // Writes, in pipeline order.
         if let Some(b) = &plan.bashible {
-            apply(&secrets, &b.to_secret()?).await?;
+            self.apply(&secrets, &b.to_secret()?).await?;
         }
         if plan.apply_proxy
             && let Some(px) = &proxy
         {
-            apply(&secrets, &px.config).await?;
-            apply(&deployments, &px.deployment).await?;
-            apply(&pdbs, &px.pdb).await?;
+            self.apply(&secrets, &px.config).await?;
+            self.apply(&deployments, &px.deployment).await?;
+            self.apply(&pdbs, &px.pdb).await?;
         }
         match plan.service {
             ServiceAction::Apply => {
                 let svc = render::service()?;
-                match apply(&services, &svc).await {
+                match self.apply(&services, &svc).await {
                     // A headless Service left by Deckhouse cannot become ClusterIP in place.
                     Err(Error::Kube(kube::Error::Api(s))) if s.code == 422 => {
-                        delete_opt(&services, SERVICE_NAME).await?;
-                        apply(&services, &svc).await?;
+                        self.delete_opt(&services, SERVICE_NAME).await?;
+                        self.apply(&services, &svc).await?;
                     }
                     r => {
                         r?;
                     }
                 }
             }
-            ServiceAction::Delete => delete_opt(&services, SERVICE_NAME).await?,
+            ServiceAction::Delete => self.delete_opt(&services, SERVICE_NAME).await?,
             ServiceAction::Keep => {}
         }
         if let Some(d) = &plan.deckhouse_registry {
-            apply(&secrets, &d.to_secret()?).await?;
+            self.apply(&secrets, &d.to_secret()?).await?;
         }
         if self.settings.stock_containerd
             && plan.service == ServiceAction::Apply
@@ -494,21 +573,23 @@ impl Reconciler {
                     (key, f.content)
                 })
                 .collect();
-            apply(&secrets, &opaque_secret(STOCK_HOSTS_SECRET, data)?).await?;
+            self.apply(&secrets, &opaque_secret(STOCK_HOSTS_SECRET, data)?)
+                .await?;
         }
         if plan.delete_proxy {
-            delete_opt(&deployments, DEPLOYMENT_NAME).await?;
-            delete_opt(&pdbs, DEPLOYMENT_NAME).await?;
-            delete_opt(&secrets, PROXY_CONFIG_SECRET).await?;
-            delete_opt(&secrets, STOCK_HOSTS_SECRET).await?;
+            self.delete_opt(&deployments, DEPLOYMENT_NAME).await?;
+            self.delete_opt(&pdbs, DEPLOYMENT_NAME).await?;
+            self.delete_opt(&secrets, PROXY_CONFIG_SECRET).await?;
+            self.delete_opt(&secrets, STOCK_HOSTS_SECRET).await?;
         }
         if plan.delete_pki {
-            delete_opt(&secrets, PKI_SECRET).await?;
+            self.delete_opt(&secrets, PKI_SECRET).await?;
         }
         if let Some(a) = &plan.record_actual {
             self.record_actual(a).await?;
         }
-        apply(&secrets, &state::to_secret(&plan.state, &hash)?).await?;
+        self.apply(&secrets, &state::to_secret(&plan.state, &hash)?)
+            .await?;
         if let (Some((reason, note)), Some(mc)) = (&plan.warning, &mc_obj) {
             self.warn(mc, reason, note).await;
         }
@@ -524,7 +605,7 @@ impl Reconciler {
             ACTUAL_PARAMS_SECRET,
             BTreeMap::from([("params.json".into(), json)]),
         )?;
-        apply(&self.secrets(), &s).await?;
+        self.apply(&self.secrets(), &s).await?;
         Ok(())
     }
 
@@ -543,6 +624,9 @@ impl Reconciler {
             action: "Validate".into(),
             secondary: None,
         };
+        if self.may_write().is_err() {
+            return;
+        }
         // An Event is best effort: failing to record one must not fail the reconcile.
         if let Err(e) = self.recorder.publish(&ev, &reference).await {
             tracing::warn!(error = %e, "cannot publish event");

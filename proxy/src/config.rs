@@ -168,6 +168,18 @@ pub struct Args {
     /// Pause between two scrub passes over the whole cache.
     #[arg(long, env = "REGISTRY_PROXY_CACHE_SCRUB_INTERVAL", default_value = "6h", value_parser = humantime::parse_duration)]
     pub cache_scrub_interval: Duration,
+    /// Throughput floor of a cache fill's upstream body, per second (0 = none): a body
+    /// that delivers less over `--fill-rate-window` is re-opened at its offset (one of
+    /// the fill's resume attempts).
+    #[arg(long, env = "REGISTRY_PROXY_FILL_MIN_RATE", default_value = "64KiB", value_parser = parse_size)]
+    pub fill_min_rate: u64,
+    /// Window over which `--fill-min-rate` is measured.
+    #[arg(long, env = "REGISTRY_PROXY_FILL_RATE_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub fill_rate_window: Duration,
+    /// Overall deadline of one cache fill, resumes included (0 = none); then the fill
+    /// fails and every client joined to it sees its body aborted.
+    #[arg(long, env = "REGISTRY_PROXY_FILL_DEADLINE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub fill_deadline: Duration,
     /// Warm the layers of fetched manifests in the background.
     #[arg(long, env = "REGISTRY_PROXY_PREFETCH_LAYERS")]
     pub prefetch_layers: bool,
@@ -389,6 +401,10 @@ pub struct CacheSettings {
     pub scrub_rate: u64,
     /// Pause between scrub passes.
     pub scrub_interval: Duration,
+    /// Throughput floor of a fill's upstream body: `(bytes/s, window)`; `None` = off.
+    pub fill_min_rate: Option<(u64, Duration)>,
+    /// Overall deadline of one fill; `None` = none.
+    pub fill_deadline: Option<Duration>,
     /// Pulls by tag within this window after a check skip revalidation.
     pub tag_freshness: Duration,
     /// Warm the layers of fetched manifests.
@@ -596,6 +612,9 @@ impl Config {
                 verify: args.cache_verify,
                 scrub_rate: args.cache_scrub_rate,
                 scrub_interval: args.cache_scrub_interval,
+                fill_min_rate: (args.fill_min_rate > 0 && !args.fill_rate_window.is_zero())
+                    .then_some((args.fill_min_rate, args.fill_rate_window)),
+                fill_deadline: Some(args.fill_deadline).filter(|d| !d.is_zero()),
                 tag_freshness: args.tag_freshness,
                 prefetch_layers: args.prefetch_layers,
             }),

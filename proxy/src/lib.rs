@@ -223,6 +223,8 @@ async fn open_cache(
         },
         scrub_rate: Some(settings.scrub_rate),
         scrub_interval: settings.scrub_interval,
+        fill_min_rate: settings.fill_min_rate,
+        fill_deadline: settings.fill_deadline,
         ..registry_cache::CacheConfig::default()
     };
     let cache = registry_cache::Cache::open(cfg, tasks.clone(), shutdown)

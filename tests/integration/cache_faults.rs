@@ -523,3 +523,100 @@ async fn hundred_concurrent_cold_tag_pulls_make_one_manifest_get_by_digest() {
     );
     assert_eq!(up.requests("GET", &by_digest), 1, "upstream GETs by digest");
 }
+
+/// Issue 15, case 5: a fill whose upstream trickles below `--fill-min-rate` over a window is
+/// re-opened at its offset and completes; `--fill-deadline` fails a fill that never ends, its
+/// client's body is aborted, and the next request starts a new fill.
+#[tokio::test]
+async fn trickling_fill_is_resumed_and_a_fill_past_its_deadline_fails() {
+    let up = FakeUpstream::start().await;
+    let blob = Blob::random(200_000);
+    up.push_blob(&blob);
+    // 100 bytes every 200 ms (500 B/s) for the first GET only; the resumed one is normal.
+    up.on(Rule::exact(up_blob(&blob), slow(100, 200))
+        .method("GET")
+        .times(1));
+    let dir = TempDir::new().unwrap();
+    let px = cached_proxy(
+        up.proxy_args(),
+        dir.path(),
+        &["--fill-min-rate", "64KiB", "--fill-rate-window", "300ms"],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let r = test_client()
+        .get(px.url(&client_blob(&blob)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = read_body(r).await.expect("the resumed fill completes");
+    assert_eq!(registry_tests::sha256_digest(&body), blob.digest);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "resumed, not waited out"
+    );
+    let ranges: Vec<Option<String>> = up
+        .request_log()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path == up_blob(&blob))
+        .map(|r| r.range)
+        .collect();
+    assert_eq!(ranges.len(), 2, "one re-open: {ranges:?}");
+    assert_eq!(ranges[0], None);
+    let resumed_at: u64 = ranges[1]
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .expect("Range: bytes=N-");
+    assert!(
+        resumed_at > 0 && resumed_at < 200_000,
+        "at its offset: {resumed_at}"
+    );
+    assert_eq!(
+        metric(&px, "registry_proxy_cache_fill_resumes_total", &[]).await,
+        1.0
+    );
+    settle(&px).await;
+    px.stop(Duration::from_secs(10)).await.unwrap();
+
+    // No floor, a 600 ms deadline, an upstream that always trickles.
+    let blob = Blob::random(100_000);
+    up.push_blob(&blob);
+    up.on(Rule::exact(up_blob(&blob), slow(100, 100)).method("GET"));
+    let dir = TempDir::new().unwrap();
+    let px = cached_proxy(
+        up.proxy_args(),
+        dir.path(),
+        &["--fill-min-rate", "0", "--fill-deadline", "600ms"],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let r = test_client()
+        .get(px.url(&client_blob(&blob)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "headers went out before the deadline");
+    let (got, _) = read_body(r)
+        .await
+        .expect_err("a failed fill aborts the body");
+    assert!(got < 100_000);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    settle(&px).await;
+    assert!(
+        !blob_file(dir.path(), &blob.digest).exists(),
+        "nothing cached"
+    );
+    // The next client starts a new fill rather than joining the dead one.
+    up.clear_rules();
+    assert_eq!(get_ok(&px, &client_blob(&blob)).await, blob.data);
+    let gets = up
+        .request_log()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path == up_blob(&blob))
+        .count();
+    assert_eq!(gets, 2);
+    px.stop(Duration::from_secs(10)).await.unwrap();
+}

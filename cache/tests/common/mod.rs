@@ -221,3 +221,56 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// An upstream the test feeds chunk by chunk: each `open` takes the next queued body (its
+/// receiver); bytes arrive only when the test sends them, so a test can hold a fill at any
+/// offset. A body whose sender is dropped ends (cleanly) there.
+pub struct Gated {
+    pub total: u64,
+    bodies: Mutex<std::collections::VecDeque<tokio::sync::mpsc::Receiver<Bytes>>>,
+    pub opens: Mutex<Vec<u64>>,
+}
+
+impl Gated {
+    /// A source of `total` bytes with `bodies` bodies; returns their senders.
+    pub fn new(total: u64, bodies: usize) -> (Self, Vec<tokio::sync::mpsc::Sender<Bytes>>) {
+        let mut rxs = std::collections::VecDeque::new();
+        let mut txs = Vec::new();
+        for _ in 0..bodies {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            rxs.push_back(rx);
+            txs.push(tx);
+        }
+        let g = Self {
+            total,
+            bodies: Mutex::new(rxs),
+            opens: Mutex::new(Vec::new()),
+        };
+        (g, txs)
+    }
+
+    pub fn opens(&self) -> Vec<u64> {
+        self.opens.lock().unwrap().clone()
+    }
+}
+
+impl BlobSource for Gated {
+    fn open(&self, offset: u64) -> BoxFuture<'static, Result<SourceBody, SourceError>> {
+        self.opens.lock().unwrap().push(offset);
+        let rx = self.bodies.lock().unwrap().pop_front();
+        let total_len = Some(self.total);
+        Box::pin(async move {
+            let Some(rx) = rx else {
+                return Err(SourceError::fatal(NotFound));
+            };
+            let body = stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
+            );
+            Ok(SourceBody {
+                total_len,
+                body: body.boxed(),
+            })
+        })
+    }
+}

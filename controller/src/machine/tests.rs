@@ -47,6 +47,8 @@ fn world(target: Target) -> Observed {
         }),
         ca_pem: "CA".into(),
         proxy_endpoint: None,
+        bootstrapped: true,
+        masters: 1,
     }
 }
 
@@ -851,4 +853,53 @@ fn mirror_order_in_every_step_of_direct_rotation_and_back_to_unmanaged() {
             vec!["https://registry.deckhouse.io".to_string()]
         ]
     );
+}
+
+#[test]
+fn refusals_are_stable_and_write_nothing() {
+    let p = up("registry.deckhouse.io", "deckhouse/ee", "key");
+    for (bootstrapped, masters, cond, status) in [
+        (false, 1, types::ERR_TRANSITION_NOT_SUPPORTED, "True"),
+        (true, 0, types::CONTAINERD_CONFIG_PREFLIGHT_READY, "False"),
+    ] {
+        let mut o = world(Target::Direct(p.clone()));
+        o.bootstrapped = bootstrapped;
+        o.masters = masters;
+        let plan = step(&o);
+        let c = plan.state.conditions.get(cond).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), (status, "Error"));
+        let ready = plan.state.conditions.get(types::READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.message.as_str()),
+            ("False", c.message.as_str())
+        );
+        assert!(!plan.ensure_pki && plan.bashible.is_none() && !plan.apply_proxy);
+        assert_eq!(plan.service, ServiceAction::Keep);
+        // The next pass, later: same refusal, same lastTransitionTime.
+        o.prev = plan.state.clone();
+        o.now = "t2".into();
+        let again = step(&o);
+        assert_eq!(again.state.conditions, plan.state.conditions);
+    }
+    // A cluster already in Direct is not re-judged (its proxy is already running).
+    assert_eq!(refuse_direct(Mode::Direct, false, 0), None);
+}
+
+#[test]
+fn forbidden_transition_keeps_its_transition_time() {
+    let mut o = world(Target::Proxy);
+    let first = step(&o);
+    o.prev = first.state.clone();
+    o.now = "t2".into();
+    let second = step(&o);
+    let ltt = |p: &Plan| {
+        p.state
+            .conditions
+            .get(types::ERR_TRANSITION_NOT_SUPPORTED)
+            .unwrap()
+            .last_transition_time
+            .clone()
+    };
+    assert_eq!(ltt(&first), "t1");
+    assert_eq!(ltt(&second), "t1");
 }

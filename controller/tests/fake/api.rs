@@ -7,11 +7,16 @@
 //! - `Service.spec.clusterIP` is allocated on create and immutable (422), like `Secret.type`;
 //! - Leases are ordinary objects with those semantics, Events are stored;
 //! - every request is logged with the caller (the Bearer token stands for the user, as in a
-//!   cluster), verb and resource, and an optional latency delays every answer.
+//!   cluster), verb, resource, its arrival/processing/answer instants and the Lease holder at
+//!   processing time; an optional latency delays every answer, and a caller's requests for
+//!   one resource can be made to fail (an overloaded or partitioned API server).
 //!
-//! Watches are not served: the controller does not watch.
+//! - lists honour `limit`/`continue`, `labelSelector` and `fieldSelector=metadata.name=X`;
+//!   watches resume from a `resourceVersion` out of the last [`HISTORY`] changes, answer an
+//!   older one with an ERROR event `410 Gone` (as after etcd compaction), send BOOKMARKs when
+//!   asked, and end at `timeoutSeconds`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,6 +27,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 
 /// One request as the server saw it.
 #[derive(Clone, Debug)]
@@ -36,14 +42,25 @@ pub struct Logged {
     pub resource: String,
     /// Request path.
     pub path: String,
-    /// When the request arrived and when it was answered.
+    /// Query string (selectors, `watch`, paging).
+    pub query: String,
+    /// When the request arrived, when the store processed it (after the latency) and when it
+    /// was answered.
     pub start: Instant,
+    pub processed: Instant,
     pub end: Instant,
+    /// `holderIdentity` of Lease `d8-system/registry-controller` when the store processed the
+    /// request (under the same lock as the request itself).
+    pub lease_holder: Option<String>,
     /// Answer status.
     pub status: u16,
 }
 
 type Leaf = Vec<String>;
+
+/// Store key of the controller's Lease.
+pub const LEASE_KEY: &str =
+    "apis/coordination.k8s.io/v1/namespaces/d8-system/leases/registry-controller";
 
 #[derive(Default)]
 struct Inner {
@@ -54,6 +71,25 @@ struct Inner {
     next_ip: u8,
     log: Vec<Logged>,
     latency: Duration,
+    /// `(caller, group/resource, status)`: that caller's requests for that resource fail.
+    faults: Vec<(String, String, u16)>,
+    /// The last [`HISTORY`] changes, for watches that resume from a resourceVersion.
+    history: VecDeque<Change>,
+    /// Live changes for open watches.
+    changes: Option<broadcast::Sender<Change>>,
+}
+
+/// How many changes the store remembers; a watch from an older resourceVersion gets
+/// `410 Gone` (etcd compaction, in a real cluster).
+pub const HISTORY: usize = 200;
+
+/// One change of the store, as a watch event.
+#[derive(Clone, Debug)]
+struct Change {
+    rv: u64,
+    key: String,
+    kind: &'static str,
+    object: Value,
 }
 
 /// Handle to the fake API server's store.
@@ -228,6 +264,27 @@ fn changed_leaves(old: &Value, new: &Value) -> BTreeSet<Leaf> {
 }
 
 impl Inner {
+    fn record(&mut self, key: &str, kind: &'static str, object: Value) {
+        let rv = object
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(self.rv);
+        let c = Change {
+            rv,
+            key: key.to_string(),
+            kind,
+            object,
+        };
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(c.clone());
+        if let Some(tx) = &self.changes {
+            let _ = tx.send(c);
+        }
+    }
+
     fn bump(&mut self) -> String {
         self.rv += 1;
         self.rv.to_string()
@@ -305,6 +362,12 @@ impl Inner {
         let owners = self.owners.entry(key.to_string()).or_default().clone();
         stamp_managed_fields(obj, &owners);
         self.objects.insert(key.to_string(), obj.clone());
+        let kind = if existing.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.record(key, kind, obj.clone());
     }
 
     fn take_ownership(&mut self, key: &str, manager: &str, owned: BTreeSet<Leaf>, apply: bool) {
@@ -467,6 +530,19 @@ impl FakeApi {
         self.lock().latency = d;
     }
 
+    /// Makes `who`'s requests for `resource` (`group/resource`, e.g.
+    /// `coordination.k8s.io/leases`) fail with `code`, as an overloaded API server or a
+    /// partition would; [`FakeApi::clear_faults`] ends it.
+    pub fn fail_requests(&self, who: &str, resource: &str, code: u16) {
+        self.lock()
+            .faults
+            .push((who.to_string(), resource.to_string(), code));
+    }
+
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
     /// Stores an object at its API path (`api/v1/namespaces/ns/secrets/name`), as another
     /// writer would (not owned by anyone we track).
     pub fn put(&self, path: &str, mut obj: Value) {
@@ -489,10 +565,13 @@ impl FakeApi {
     pub fn update(&self, path: &str, f: impl FnOnce(&mut Value)) -> bool {
         let mut g = self.lock();
         let rv = g.bump();
-        match g.objects.get_mut(path.trim_matches('/')) {
+        let key = path.trim_matches('/').to_string();
+        match g.objects.get_mut(&key) {
             Some(o) => {
                 f(o);
                 o["metadata"]["resourceVersion"] = json!(rv);
+                let o = o.clone();
+                g.record(&key, "MODIFIED", o);
                 true
             }
             None => false,
@@ -501,7 +580,13 @@ impl FakeApi {
 
     /// Removes an object (a controller outside ours finished deleting it).
     pub fn remove(&self, path: &str) {
-        self.lock().objects.remove(path.trim_matches('/'));
+        let mut g = self.lock();
+        let key = path.trim_matches('/').to_string();
+        if let Some(mut o) = g.objects.remove(&key) {
+            let rv = g.bump();
+            o["metadata"]["resourceVersion"] = json!(rv);
+            g.record(&key, "DELETED", o);
+        }
     }
 
     /// Every stored key.
@@ -551,22 +636,43 @@ async fn handle(State(api): State<FakeApi>, req: Request) -> Response {
         tokio::time::sleep(latency).await;
     }
     let parsed = parse_path(&path);
-    let resp = answer(
-        &api,
-        &method,
-        &path,
-        &query,
-        &headers,
-        &who,
-        &body,
-        parsed.as_ref(),
-    );
     let (v, resource) = match &parsed {
+        Some(p)
+            if method == Method::GET
+                && p.name.is_none()
+                && query
+                    .split('&')
+                    .any(|kv| kv == "watch=true" || kv == "watch=1") =>
+        {
+            ("watch", format!("{}/{}", p.group, p.resource))
+        }
         Some(p) => (
             verb(&method, p.name.is_some()),
             format!("{}/{}", p.group, p.resource),
         ),
         None => ("discovery", String::new()),
+    };
+    let processed = Instant::now();
+    let mut lease_holder = None;
+    let fault = api
+        .lock()
+        .faults
+        .iter()
+        .find(|(w, r, _)| *w == who && *r == resource)
+        .map(|f| f.2);
+    let resp = match fault {
+        Some(code) => status(code, "ServiceUnavailable", "injected fault"),
+        None => answer(
+            &api,
+            &method,
+            &path,
+            &query,
+            &headers,
+            &who,
+            &body,
+            parsed.as_ref(),
+            &mut lease_holder,
+        ),
     };
     api.lock().log.push(Logged {
         who,
@@ -574,8 +680,11 @@ async fn handle(State(api): State<FakeApi>, req: Request) -> Response {
         verb: v,
         resource,
         path,
+        query: query.clone(),
         start,
+        processed,
         end: Instant::now(),
+        lease_holder,
         status: resp.status().as_u16(),
     });
     resp
@@ -591,6 +700,7 @@ fn answer(
     who: &str,
     body: &Bytes,
     parsed: Option<&Parsed>,
+    lease_holder: &mut Option<String>,
 ) -> Response {
     if path == "/api" {
         return axum::Json(
@@ -620,6 +730,12 @@ fn answer(
     };
     let manager = param("fieldManager").unwrap_or_else(|| who.to_string());
     let mut g = api.lock();
+    *lease_holder = g
+        .objects
+        .get(LEASE_KEY)
+        .and_then(|l| l.pointer("/spec/holderIdentity"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
     match (method.clone(), &p.name) {
         (Method::GET, Some(name)) => match g.objects.get(&key(name)) {
             Some(o) => axum::Json(o.clone()).into_response(),
@@ -630,24 +746,71 @@ fn answer(
             ),
         },
         (Method::GET, None) => {
-            if param("watch").as_deref() == Some("true") || param("watch").as_deref() == Some("1") {
-                return status(405, "MethodNotAllowed", "watch is not served by this fake");
-            }
             let selector = param("labelSelector").unwrap_or_default();
+            let fields = param("fieldSelector").unwrap_or_default();
             let prefix = format!("{}/", p.collection.trim_matches('/'));
-            let items: Vec<Value> = g
+            if matches!(param("watch").as_deref(), Some("true" | "1")) {
+                let from = param("resourceVersion").unwrap_or_default();
+                let bookmarks = param("allowWatchBookmarks").as_deref() == Some("true");
+                let timeout = param("timeoutSeconds")
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(290);
+                let segs: Vec<&str> = p.collection.split('/').collect();
+                let api_version = match segs.as_slice() {
+                    ["api", v, ..] => v.to_string(),
+                    ["apis", grp, v, ..] => format!("{grp}/{v}"),
+                    _ => String::new(),
+                };
+                return watch(
+                    &mut g,
+                    Selection {
+                        prefix,
+                        labels: selector,
+                        fields,
+                    },
+                    json!({"apiVersion": api_version, "kind": kind_of(&p.resource)}),
+                    &from,
+                    bookmarks,
+                    Duration::from_secs(timeout),
+                );
+            }
+            let sel = Selection {
+                prefix,
+                labels: selector,
+                fields,
+            };
+            let after = param("continue").unwrap_or_default();
+            let limit: usize = param("limit")
+                .and_then(|l| l.parse().ok())
+                .filter(|l| *l > 0)
+                .unwrap_or(usize::MAX);
+            let mut matching = g
                 .objects
                 .iter()
-                .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
-                .map(|(_, v)| v.clone())
-                .filter(|o| matches_selector(o, &selector))
+                .filter(|(k, v)| sel.matches(k, v))
+                .filter(|(k, _)| after.is_empty() || k.as_str() > after.as_str());
+            let items: Vec<(String, Value)> = matching
+                .by_ref()
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
+            let more = matching.next().is_some();
+            let next = match (more, items.last()) {
+                (true, Some((k, _))) => json!(k),
+                _ => json!(null),
+            };
+            let items: Vec<Value> = items.into_iter().map(|(_, v)| v).collect();
             let kind = items
                 .first()
                 .and_then(|i| i["kind"].as_str())
                 .map(|k| format!("{k}List"))
                 .unwrap_or_else(|| "List".into());
-            axum::Json(json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": g.rv.to_string()}, "items": items})).into_response()
+            let mut meta = json!({"resourceVersion": g.rv.to_string()});
+            if !next.is_null() {
+                meta["continue"] = next;
+            }
+            axum::Json(json!({"kind": kind, "apiVersion": "v1", "metadata": meta, "items": items}))
+                .into_response()
         }
         (Method::PATCH, Some(name)) => {
             let ct = headers
@@ -710,7 +873,12 @@ fn answer(
             let k = key(name);
             g.owners.remove(&k);
             match g.objects.remove(&k) {
-                Some(o) => axum::Json(o).into_response(),
+                Some(mut o) => {
+                    let rv = g.bump();
+                    o["metadata"]["resourceVersion"] = json!(rv);
+                    g.record(&k, "DELETED", o.clone());
+                    axum::Json(o).into_response()
+                }
                 None => status(
                     404,
                     "NotFound",
@@ -744,4 +912,162 @@ fn urlencoding_decode(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Which objects a list or watch covers.
+struct Selection {
+    /// Store key prefix of the collection (`api/v1/nodes/`).
+    prefix: String,
+    /// `labelSelector` (`k=v,k2=v2`).
+    labels: String,
+    /// `fieldSelector`; only `metadata.name=X` is understood, like most of ours need.
+    fields: String,
+}
+
+impl Selection {
+    fn matches(&self, key: &str, obj: &Value) -> bool {
+        let in_collection =
+            key.starts_with(&self.prefix) && !key[self.prefix.len()..].contains('/');
+        let name_ok =
+            self.fields
+                .split(',')
+                .filter(|f| !f.is_empty())
+                .all(|f| match f.split_once('=') {
+                    Some(("metadata.name", n)) => {
+                        obj.pointer("/metadata/name").and_then(Value::as_str) == Some(n)
+                    }
+                    _ => false,
+                });
+        in_collection && name_ok && matches_selector(obj, &self.labels)
+    }
+}
+
+fn watch_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+fn gone(rv: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": format!("too old resource version: {rv}"), "reason": "Expired", "code": 410})
+}
+
+/// A watch as the API server answers it: the changes after `from` (or, for `""`/`"0"`, every
+/// current object as ADDED), then live changes, BOOKMARKs every second when asked for, and
+/// the end of the stream at `timeout`. A `from` older than the history is an ERROR event
+/// with 410 Gone; so is falling behind the live changes.
+fn watch(
+    g: &mut Inner,
+    sel: Selection,
+    types: Value,
+    from: &str,
+    bookmarks: bool,
+    timeout: Duration,
+) -> Response {
+    let rx = g
+        .changes
+        .get_or_insert_with(|| broadcast::channel(HISTORY).0)
+        .subscribe();
+    let mut backlog: VecDeque<Bytes> = VecDeque::new();
+    let mut last_rv = g.rv;
+    match from {
+        "" | "0" => {
+            for (k, v) in &g.objects {
+                if sel.matches(k, v) {
+                    backlog.push_back(watch_line("ADDED", v));
+                }
+            }
+        }
+        rv => {
+            let rv: u64 = rv.parse().unwrap_or(0);
+            let oldest = g.history.front().map_or(g.rv + 1, |c| c.rv);
+            // The history covers `rv` only if nothing after it was dropped.
+            if rv + 1 < oldest {
+                let body = axum::body::Body::from(watch_line("ERROR", &gone(from)));
+                return (StatusCode::OK, body).into_response();
+            }
+            for c in g.history.iter().filter(|c| c.rv > rv) {
+                if sel.matches(&c.key, &c.object) {
+                    backlog.push_back(watch_line(c.kind, &c.object));
+                }
+            }
+            last_rv = last_rv.max(rv);
+        }
+    }
+    struct St {
+        backlog: VecDeque<Bytes>,
+        rx: broadcast::Receiver<Change>,
+        sel: Selection,
+        deadline: tokio::time::Instant,
+        bookmarks: bool,
+        last_rv: u64,
+        done: bool,
+        types: Value,
+    }
+    let st = St {
+        types,
+        backlog,
+        rx,
+        sel,
+        deadline: tokio::time::Instant::now() + timeout,
+        bookmarks,
+        last_rv,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        if let Some(b) = st.backlog.pop_front() {
+            return Some((Ok::<_, std::convert::Infallible>(b), st));
+        }
+        loop {
+            if st.done {
+                return None;
+            }
+            let tick = tokio::time::sleep(Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep_until(st.deadline) => return None,
+                r = st.rx.recv() => match r {
+                    Ok(c) => {
+                        st.last_rv = st.last_rv.max(c.rv);
+                        if st.sel.matches(&c.key, &c.object) {
+                            let line = watch_line(c.kind, &c.object);
+                            return Some((Ok(line), st));
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        st.done = true;
+                        let line = watch_line("ERROR", &gone(&st.last_rv.to_string()));
+                        return Some((Ok(line), st));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                _ = tick, if st.bookmarks => {
+                    let mut obj = st.types.clone();
+                    obj["metadata"] = json!({"resourceVersion": st.last_rv.to_string()});
+                    return Some((Ok(watch_line("BOOKMARK", &obj)), st));
+                }
+            }
+        }
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// The kind a collection holds (for BOOKMARK events, which carry no object of their own).
+fn kind_of(resource: &str) -> &'static str {
+    match resource {
+        "nodes" => "Node",
+        "moduleconfigs" => "ModuleConfig",
+        "secrets" => "Secret",
+        "services" => "Service",
+        "deployments" => "Deployment",
+        "pods" => "Pod",
+        "configmaps" => "ConfigMap",
+        "leases" => "Lease",
+        _ => "Unknown",
+    }
 }

@@ -61,6 +61,9 @@ fn without_stale_range(headers: &HeaderMap, digest: &str) -> HeaderMap {
 /// The client-facing error for a fill that failed before its headers were sent.
 fn fill_error(e: &FillError) -> ApiError {
     let from_source = |s: &SourceError| {
+        if s.downcast_ref::<registry_cache::Stalled>().is_some() {
+            return ApiError::upstream_timeout();
+        }
         s.downcast_ref::<ApiError>()
             .cloned()
             .unwrap_or_else(|| ApiError::upstream_unreachable(&s.to_string()))
@@ -72,6 +75,7 @@ fn fill_error(e: &FillError) -> ApiError {
             ApiError::integrity("upstream blob does not match its digest")
         }
         FillError::ShuttingDown => ApiError::unavailable("shutting down"),
+        FillError::DeadlineExceeded { .. } => ApiError::upstream_timeout(),
         FillError::InvalidDigest(_) => ApiError::digest_invalid(""),
         other => {
             tracing::error!(error = %other, "cache fill failed");

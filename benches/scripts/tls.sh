@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Warm blobs over TLS, side by side in one run on loopback, same certificate for all three:
+# registry-proxy (rustls, aws-lc-rs), CNCF distribution 2.8 in proxy mode (Go TLS), nginx
+# proxy_cache with `ssl` (OpenSSL). HTTP/2 and HTTP/1.1 (curl --http2 / --http1.1).
+#
+#   LAB_NO_BUILD=1 bash benches/scripts/tls.sh
+#
+# Env: BIG_MIB (200), SMALL_MIB (1), RUNS (5 interleaved GETs per target, protocol and blob),
+#      RESULTS (docs/bench-tls.csv), PROXY_BIN, LAB_KEEP=1 keeps $LAB.
+# Bounded: fixed run counts and curl --max-time; every process is started by lab_bg and stopped
+# by PID (lab_cleanup).
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+# shellcheck source=scripts/lab.sh
+source "$ROOT/scripts/lab.sh"
+
+BIG_MIB=${BIG_MIB:-200}
+SMALL_MIB=${SMALL_MIB:-1}
+RUNS=${RUNS:-5}
+RESULTS=${RESULTS:-$ROOT/docs/bench-tls.csv}
+
+lab_init
+lab_need curl jq docker-registry skopeo nginx openssl
+if [[ ${LAB_NO_BUILD:-0} != 1 ]]; then
+    (cd "$ROOT" && cargo build --release -q -p registry-proxy) || lab_die "building registry-proxy failed"
+fi
+PROXY_BIN=${PROXY_BIN:-$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/release/registry-proxy}
+[[ -x $PROXY_BIN ]] || lab_die "no proxy binary at $PROXY_BIN"
+
+CSV=$LAB/results.csv
+echo "target,metric,value,unit" >"$CSV"
+rec() { echo "$1,$2,$3,$4" >>"$CSV"; lab_log "result: $1 $2 = $3 $4"; }
+
+# One P-256 certificate for 127.0.0.1, shared by all three.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$LAB/key.pem" -out "$LAB/cert.pem" 2>/dev/null || lab_die "openssl failed"
+
+read -r _ BIG < <(lab_mkimage "$LAB/layout" big "$BIG_MIB")
+read -r _ SMALL < <(lab_mkimage "$LAB/layout" small "$SMALL_MIB")
+[[ $BIG == sha256:* && $SMALL == sha256:* ]] || lab_die "building the images failed"
+
+UP=127.0.0.1:$(lab_free_port)
+mkdir -p "$LAB/up/data"
+cat >"$LAB/up/config.yml" <<EOC
+version: 0.1
+log: {level: warn, accesslog: {disabled: true}}
+storage:
+  filesystem: {rootdirectory: $LAB/up/data}
+http: {addr: $UP, secret: lab-upstream-secret}
+EOC
+lab_bg upstream docker-registry serve "$LAB/up/config.yml"
+lab_wait_http "http://$UP/v2/" 20 || lab_die "upstream did not start"
+for t in big small; do
+    timeout 180 skopeo --insecure-policy copy -q --preserve-digests --dest-tls-verify=false \
+        "oci:$LAB/layout:$t" "docker://$UP/deckhouse/ee/$t:v1" >&2 || lab_die "push $t failed"
+done
+rm -rf "$LAB/layout"
+
+OURS=$(lab_free_port)
+OURS_M=$(lab_free_port)
+DIST=$(lab_free_port)
+NGX=$(lab_free_port)
+lab_bg ours env RUST_LOG=warn NO_COLOR=1 "$PROXY_BIN" --listen "127.0.0.1:$OURS" \
+    --metrics-listen "127.0.0.1:$OURS_M" --images-repo "$UP/deckhouse/ee" --scheme HTTP \
+    --client-auth none --cache-dir "$LAB/ours" --tls-cert "$LAB/cert.pem" --tls-key "$LAB/key.pem"
+mkdir -p "$LAB/dist"
+cat >"$LAB/dist/config.yml" <<EOC
+version: 0.1
+log: {level: warn, accesslog: {disabled: true}}
+storage:
+  filesystem: {rootdirectory: $LAB/dist/data}
+  cache: {blobdescriptor: inmemory}
+http:
+  addr: 127.0.0.1:$DIST
+  secret: proxy-secret
+  tls: {certificate: $LAB/cert.pem, key: $LAB/key.pem}
+proxy:
+  remoteurl: http://$UP
+EOC
+lab_bg dist docker-registry serve "$LAB/dist/config.yml"
+chmod 711 "$LAB"
+mkdir -p "$LAB/ngx/tmp" "$LAB/ngx/logs" "$LAB/ngx/cache"
+chmod 644 "$LAB/key.pem"
+chown -R www-data: "$LAB/ngx"
+cat >"$LAB/ngx/nginx.conf" <<EOC
+user www-data;
+worker_processes 1;
+daemon off;
+pid $LAB/ngx/nginx.pid;
+error_log $LAB/ngx/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $LAB/ngx/tmp/body;
+  proxy_temp_path $LAB/ngx/tmp/proxy;
+  fastcgi_temp_path $LAB/ngx/tmp/fcgi;
+  uwsgi_temp_path $LAB/ngx/tmp/uwsgi;
+  scgi_temp_path $LAB/ngx/tmp/scgi;
+  sendfile on; tcp_nopush on;
+  proxy_cache_path $LAB/ngx/cache levels=1:2 keys_zone=blobs:10m max_size=20g inactive=7d use_temp_path=off;
+  upstream reg { server $UP; keepalive 16; }
+  server {
+    listen 127.0.0.1:$NGX ssl http2;
+    ssl_certificate $LAB/cert.pem;
+    ssl_certificate_key $LAB/key.pem;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    location ~ "^/v2/.+/blobs/sha256:[0-9a-f]{64}\$" {
+      proxy_pass http://reg;
+      proxy_cache blobs;
+      proxy_cache_key \$uri;
+      proxy_cache_valid 200 7d;
+      proxy_cache_lock on;
+      proxy_buffering on;
+      proxy_max_temp_file_size 0;
+    }
+    location /v2/ { proxy_pass http://reg; }
+  }
+}
+EOC
+lab_bg nginx nginx -c "$LAB/ngx/nginx.conf" -e "$LAB/ngx/logs/error.log"
+
+C=(curl -s --cacert "$LAB/cert.pem" --max-time 120)
+url() { # TARGET REPO DIGEST
+    case $1 in
+        ours) echo "https://127.0.0.1:$OURS/v2/system/deckhouse/$2/blobs/$3" ;;
+        dist) echo "https://127.0.0.1:$DIST/v2/deckhouse/ee/$2/blobs/$3" ;;
+        nginx) echo "https://127.0.0.1:$NGX/v2/deckhouse/ee/$2/blobs/$3" ;;
+    esac
+}
+for t in ours dist nginx; do
+    for _ in $(seq 1 50); do
+        "${C[@]}" -o /dev/null "$(url "$t" small "$SMALL")" && break
+        sleep 0.2
+    done
+    for b in "big $BIG" "small $SMALL"; do
+        read -r repo d <<<"$b"
+        got=sha256:$("${C[@]}" "$(url "$t" "$repo" "$d")" | sha256sum | cut -d' ' -f1)
+        [[ $got == "$d" ]] || lab_die "$t: wrong bytes for $repo"
+    done
+done
+sleep 1 # let the fills commit
+
+# Interleaved warm GETs: RUNS rounds of (target × protocol) for the big blob, 10× that for the small.
+for ((i = 0; i < RUNS; i++)); do
+    for proto in http2 http1.1; do
+        for t in ours dist nginx; do
+            printf '%s %s big ' "$t" "$proto"
+            "${C[@]}" "--$proto" -o /dev/null -w '%{time_total} %{http_version}\n' "$(url "$t" big "$BIG")"
+            for _ in $(seq 1 10); do
+                printf '%s %s small ' "$t" "$proto"
+                "${C[@]}" "--$proto" -o /dev/null -w '%{time_total} %{http_version}\n' "$(url "$t" small "$SMALL")"
+            done
+        done
+    done
+done >"$LAB/tls.txt"
+for t in ours dist nginx; do
+    for proto in http2 http1.1; do
+        for b in big small; do
+            awk -v t="$t" -v p="$proto" -v b="$b" '$1 == t && $2 == p && $3 == b {print $4}' "$LAB/tls.txt" | sort -g >"$LAB/x"
+            rec "$t" "warm_${b}_${proto}_mean_ms" "$(awk '{s+=$1} END {printf "%.1f", s/NR*1000}' "$LAB/x")" ms
+            rec "$t" "warm_${b}_${proto}_min_ms" "$(head -1 "$LAB/x" | awk '{printf "%.1f", $1*1000}')" ms
+            rec "$t" "warm_${b}_${proto}_max_ms" "$(tail -1 "$LAB/x" | awk '{printf "%.1f", $1*1000}')" ms
+        done
+    done
+done
+awk '{print $5}' "$LAB/tls.txt" | sort | uniq -c >&2 # negotiated versions: 2 and 1.1
+{
+    echo "# machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
+    echo "# date: $(date -u +%FT%TZ); big $BIG_MIB MiB, small $SMALL_MIB MiB, runs $RUNS; load $(cut -d' ' -f1-3 /proc/loadavg)"
+    cat "$CSV"
+} >"$RESULTS"
+column -t -s, "$CSV" >&2
