@@ -8,8 +8,6 @@
 //! - [`client`]: the proxy as a server. Decides who may pull (the upstream user, htpasswd
 //!   users or anonymous), issues and verifies signed Bearer tokens shared by all replicas,
 //!   and keeps replaced credentials valid for a grace window.
-//! - [`reload`]: watches mounted secret files (symlink swaps included) and hands new
-//!   contents to whoever owns them, keeping the old value when a file fails to parse.
 //! - [`error`]: the crate's one error type.
 //!
 //! Nothing here knows about an HTTP framework: callers pass header values and get plain
@@ -17,7 +15,6 @@
 
 pub mod client;
 pub mod error;
-pub mod reload;
 pub mod upstream;
 
 pub use error::Error;

@@ -31,6 +31,34 @@ impl Origin {
     }
 }
 
+/// What went wrong, by type: retries, stale-if-error and the probe's outcome are decided
+/// on this, never on a code or a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The client's request was invalid, unknown or not allowed.
+    Request,
+    /// The upstream says the content does not exist.
+    NotFound,
+    /// The upstream rate-limits the proxy.
+    RateLimited,
+    /// The upstream refused the proxy's credentials.
+    Denied,
+    /// The upstream's token service failed.
+    TokenService,
+    /// The upstream answered a server error or a status the proxy cannot use.
+    Status,
+    /// The upstream could not be reached (DNS, connect, reset before headers).
+    Unreachable,
+    /// The TLS handshake with the upstream failed (certificate, protocol).
+    Tls,
+    /// The upstream did not answer in time.
+    Timeout,
+    /// Content did not match its digest, or its size was implausible.
+    Integrity,
+    /// Our own failure, shutting down or out of response slots.
+    Internal,
+}
+
 /// An error answered to the client.
 #[derive(Clone, Debug)]
 pub(crate) struct ApiError {
@@ -38,6 +66,7 @@ pub(crate) struct ApiError {
     code: &'static str,
     message: String,
     origin: Origin,
+    kind: Kind,
     /// Rarely set parts, boxed to keep `Result<_, ApiError>` small.
     extra: Option<Box<Extra>>,
 }
@@ -74,8 +103,45 @@ impl ApiError {
             code,
             message: message.into(),
             origin,
+            kind: match origin {
+                Origin::Downstream => Kind::Request,
+                Origin::Upstream => Kind::Status,
+                Origin::Internal => Kind::Internal,
+            },
             extra: None,
         }
+    }
+
+    fn with_kind(mut self, kind: Kind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// What went wrong.
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The upstream says the content does not exist.
+    pub(crate) fn is_not_found(&self) -> bool {
+        self.kind == Kind::NotFound
+    }
+
+    /// A failure of the upstream or the way to it that may pass: worth a retry (a fill's
+    /// resume) and worth serving stale content over. Refusals, absent content and bad
+    /// content are not.
+    pub(crate) fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Status | Kind::Unreachable | Kind::Tls | Kind::Timeout | Kind::TokenService
+        )
+    }
+
+    /// Whether stale content may stand in: any failure but a request error or content
+    /// the upstream says is gone (a refusal or a rate limit must not break pulls of what
+    /// is cached).
+    pub(crate) fn allows_stale(&self) -> bool {
+        !matches!(self.kind, Kind::Request | Kind::NotFound)
     }
 
     fn extra_mut(&mut self) -> &mut Extra {
@@ -89,11 +155,13 @@ impl ApiError {
     }
 
     /// The OCI error code.
+    #[cfg(test)]
     pub(crate) fn code(&self) -> &'static str {
         self.code
     }
 
     /// The HTTP status.
+    #[cfg(test)]
     pub(crate) fn status(&self) -> StatusCode {
         self.status
     }
@@ -208,6 +276,7 @@ impl ApiError {
             format!("{what} unknown to registry"),
             Origin::Upstream,
         )
+        .with_kind(Kind::NotFound)
     }
 
     /// Upstream 429: passed on with `Retry-After`, so clients back off as the upstream asked.
@@ -219,7 +288,7 @@ impl ApiError {
             Origin::Upstream,
         );
         e.extra_mut().retry_after = retry_after;
-        e
+        e.with_kind(Kind::RateLimited)
     }
 
     /// Upstream 401/403 after our credentials were sent: the proxy's own credentials are
@@ -233,6 +302,7 @@ impl ApiError {
             ),
             Origin::Upstream,
         )
+        .with_kind(Kind::Denied)
     }
 
     /// Upstream 5xx or an unexpected status.
@@ -250,6 +320,7 @@ impl ApiError {
             format!("upstream registry answered HTTP {status}"),
             Origin::Upstream,
         )
+        .with_kind(Kind::Status)
     }
 
     /// Upstream unreachable (DNS, connect, TLS, reset before headers).
@@ -260,6 +331,12 @@ impl ApiError {
             format!("upstream registry unreachable: {reason}"),
             Origin::Upstream,
         )
+        .with_kind(Kind::Unreachable)
+    }
+
+    /// The TLS handshake with the upstream failed.
+    pub(crate) fn upstream_tls(reason: &str) -> Self {
+        Self::upstream_unreachable(reason).with_kind(Kind::Tls)
     }
 
     /// Upstream did not answer in time.
@@ -270,6 +347,7 @@ impl ApiError {
             "upstream registry timed out",
             Origin::Upstream,
         )
+        .with_kind(Kind::Timeout)
     }
 
     /// Upstream token service failed.
@@ -280,6 +358,7 @@ impl ApiError {
             format!("upstream authentication failed: {reason}"),
             Origin::Upstream,
         )
+        .with_kind(Kind::TokenService)
     }
 
     /// Content from the upstream or the cache did not match its digest.
@@ -290,6 +369,7 @@ impl ApiError {
             message,
             Origin::Upstream,
         )
+        .with_kind(Kind::Integrity)
     }
 
     /// Our own failure.

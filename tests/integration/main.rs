@@ -3,6 +3,7 @@
 //! One binary, one module per scenario. `harness` checks the fake upstream itself (without
 //! the proxy) so a failure elsewhere points at the proxy, not at the test double.
 
+mod access_log;
 mod alias;
 mod auth;
 mod cache;

@@ -23,22 +23,32 @@ use crate::api::state::AppState;
 use crate::cluster::Hop;
 use crate::error::ApiError;
 use crate::ops::metrics::Metrics;
+use crate::ops::notes::{CacheResult, RequestContext};
 use crate::upstream::blob_source::UpstreamBlob;
 
 /// The blob endpoint.
 pub(crate) async fn get(
     state: &AppState,
+    ctx: &RequestContext,
     method: &Method,
     remote: &str,
     digest: &Digest,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     match &state.cache {
-        Some(layer) => cached(state, layer, method, remote, digest, headers, Hop::Client).await,
+        Some(layer) => {
+            let ask = Ask {
+                method,
+                remote,
+                digest,
+                headers,
+            };
+            cached(state, ctx, layer, ask, Hop::Client).await
+        }
         None => {
-            state.metrics.cache("blob", "bypass");
+            state.metrics.cache(ctx, "blob", CacheResult::Bypass);
             let headers = without_stale_range(headers, digest.as_ref());
-            passthrough::blob(state, method, remote, digest, &headers).await
+            passthrough::blob(state, ctx, method, remote, digest, &headers).await
         }
     }
 }
@@ -160,19 +170,40 @@ pub(crate) async fn for_peer(
     digest: &Digest,
     req_headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    cached(state, layer, method, remote, digest, req_headers, Hop::Peer).await
+    // Peer requests skip the client access log, so their notes go nowhere.
+    let ctx = RequestContext::default();
+    let ask = Ask {
+        method,
+        remote,
+        digest,
+        headers: req_headers,
+    };
+    cached(state, &ctx, layer, ask, Hop::Peer).await
+}
+
+/// What a blob request asks for, as the cached path needs it.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    method: &'a Method,
+    remote: &'a str,
+    digest: &'a Digest,
+    headers: &'a HeaderMap,
 }
 
 /// The blob endpoint through the cache.
 async fn cached(
     state: &AppState,
+    ctx: &RequestContext,
     layer: &CacheLayer,
-    method: &Method,
-    remote: &str,
-    digest: &Digest,
-    req_headers: &HeaderMap,
+    ask: Ask<'_>,
     hop: Hop,
 ) -> Result<Response, ApiError> {
+    let Ask {
+        method,
+        remote,
+        digest,
+        headers: req_headers,
+    } = ask;
     let metrics = &state.metrics;
     let head = *method == Method::HEAD;
     let sha256 = digest.algorithm().as_ref() == "sha256";
@@ -189,7 +220,7 @@ async fn cached(
                 tracing::warn!(%digest, "cached blob failed verification before a Range; refetching");
             }
             Ok(Some(hit)) => {
-                metrics.cache("blob", "hit");
+                metrics.cache(ctx, "blob", CacheResult::Hit);
                 let len = hit.len();
                 return blob_response(digest, len, req_headers, head, metrics, "cache", |s, e| {
                     hit.reader(s, e)
@@ -208,7 +239,8 @@ async fn cached(
         && let Some(fill) = layer.cache.in_flight(digest)
         && let Ok(len) = fill.meta().await
     {
-        metrics.cache("blob", "coalesced");
+        metrics.cache(ctx, "blob", CacheResult::Coalesced);
+        layer.joined_fill(digest, ctx);
         return blob_response(
             digest,
             len,
@@ -220,11 +252,11 @@ async fn cached(
         );
     }
     if head || !sha256 {
-        metrics.cache("blob", "miss");
-        return passthrough::blob(state, method, remote, digest, req_headers).await;
+        metrics.cache(ctx, "blob", CacheResult::Miss);
+        return passthrough::blob(state, ctx, method, remote, digest, req_headers).await;
     }
-    let upstream_source: Arc<dyn BlobSource> =
-        UpstreamBlob::new(&state.upstream, remote, digest, metrics);
+    let upstream = UpstreamBlob::new(&state.upstream, remote, digest, metrics, ctx);
+    let upstream_source: Arc<dyn BlobSource> = upstream.clone();
     let (source, chain) = match &layer.cluster {
         Some(c) => {
             let chain = c.chain(digest, remote, upstream_source, hop);
@@ -233,18 +265,26 @@ async fn cached(
         None => (upstream_source, None),
     };
     let fill = layer.cache.fill(digest, source.clone());
-    if fill.is_leader()
-        && let (Some(c), Some(chain)) = (&layer.cluster, chain)
-    {
-        c.after_fill(&layer.cache, fill.clone(), chain);
+    let leader = fill.is_leader();
+    if leader {
+        layer.started_fill(digest, &upstream);
+        if let (Some(c), Some(chain)) = (&layer.cluster, chain) {
+            c.after_fill(&layer.cache, fill.clone(), chain);
+        }
     }
-    let result = if fill.is_leader() {
-        "miss"
+    let result = if leader {
+        CacheResult::Miss
     } else {
-        "coalesced"
+        CacheResult::Coalesced
     };
-    metrics.cache("blob", result);
-    let len = match fill.meta().await {
+    metrics.cache(ctx, "blob", result);
+    let meta = fill.meta().await;
+    if !leader {
+        // The fill answered (or failed) by now: its upstream response is what this
+        // request is served from.
+        layer.joined_fill(digest, ctx);
+    }
+    let len = match meta {
         Ok(len) => len,
         // The cache cannot write: serve this client straight from the upstream, verified.
         Err(FillError::Spool(_)) => {

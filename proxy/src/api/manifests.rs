@@ -24,6 +24,7 @@ use crate::api::passthrough;
 use crate::api::state::AppState;
 use crate::error::ApiError;
 use crate::ops::metrics::Metrics;
+use crate::ops::notes::{CacheResult, RequestContext};
 use crate::path::Reference;
 use crate::upstream::Upstream;
 use crate::upstream::blob_source::UpstreamBlob;
@@ -41,6 +42,7 @@ const MANIFEST_TYPES: [&str; 4] = [
 /// The manifest endpoint.
 pub(crate) async fn get(
     state: &AppState,
+    ctx: &RequestContext,
     method: &Method,
     remote: &str,
     reference: &Reference,
@@ -50,13 +52,22 @@ pub(crate) async fn get(
         // A tag is resolved (and cached) for the full Accept list; a client accepting
         // fewer types gets exactly what the upstream would give it. A digest names
         // one content, so there is nothing to negotiate.
-        (Some(c), Reference::Digest(d)) => by_digest(state, c, method, remote, d).await,
+        (Some(c), Reference::Digest(d)) => by_digest(state, ctx, c, method, remote, d).await,
         (Some(c), Reference::Tag(t)) if accepts_every_manifest_type(headers) => {
-            by_tag(state, c, method, remote, t, wants_revalidation(headers)).await
+            by_tag(
+                state,
+                ctx,
+                c,
+                method,
+                remote,
+                t,
+                wants_revalidation(headers),
+            )
+            .await
         }
         _ => {
-            state.metrics.cache("manifest", "bypass");
-            relayed(state, method, remote, reference, headers).await
+            state.metrics.cache(ctx, "manifest", CacheResult::Bypass);
+            relayed(state, ctx, method, remote, reference, headers).await
         }
     }
 }
@@ -83,6 +94,7 @@ fn accepts_every_manifest_type(headers: &HeaderMap) -> bool {
 /// when the upstream omits `Docker-Content-Digest`; the bytes are never re-serialised.
 async fn relayed(
     state: &AppState,
+    ctx: &RequestContext,
     method: &Method,
     remote: &str,
     reference: &Reference,
@@ -90,7 +102,7 @@ async fn relayed(
 ) -> Result<Response, ApiError> {
     let resp = state
         .upstream
-        .manifest(method, remote, &reference.to_string(), headers)
+        .manifest(method, remote, &reference.to_string(), headers, ctx)
         .await?;
     if *method == Method::HEAD || resp.status() != StatusCode::OK {
         return Ok(passthrough::stream(
@@ -160,13 +172,14 @@ pub(crate) fn manifest_references(bytes: &[u8]) -> (Vec<Digest>, Vec<Digest>) {
 
 /// A manifest the cache holds, counted with the cache result it answers.
 fn from_cache(
+    ctx: &RequestContext,
     m: CachedManifest,
     digest: &Digest,
     head: bool,
     metrics: &Arc<Metrics>,
-    result: &'static str,
+    result: CacheResult,
 ) -> Response {
-    metrics.cache("manifest", result);
+    metrics.cache(ctx, "manifest", result);
     manifest_response(m.bytes, &m.media_type, digest, head, metrics, "cache")
 }
 
@@ -198,6 +211,7 @@ fn manifest_response(
 
 /// Fetches a manifest by digest from the upstream, verifies it and stores it.
 async fn fetch_manifest(
+    ctx: &RequestContext,
     layer: &CacheLayer,
     upstream: &Upstream,
     metrics: &Arc<Metrics>,
@@ -220,7 +234,13 @@ async fn fetch_manifest(
         return Ok((bytes, media_type, digest.clone()));
     }
     let resp = upstream
-        .manifest(&Method::GET, remote, digest.as_ref(), &HeaderMap::new())
+        .manifest(
+            &Method::GET,
+            remote,
+            digest.as_ref(),
+            &HeaderMap::new(),
+            ctx,
+        )
         .await?;
     if resp.status() != StatusCode::OK {
         return Err(ApiError::upstream_status(resp.status().as_u16()));
@@ -256,6 +276,7 @@ async fn fetch_manifest(
 /// [`fetch_manifest`], one upstream GET per (repository, digest) at a time: concurrent
 /// cold pulls of one tag all need the same manifest.
 async fn fetch_manifest_by_digest(
+    ctx: &RequestContext,
     layer: &CacheLayer,
     upstream: &Upstream,
     metrics: &Arc<Metrics>,
@@ -264,11 +285,11 @@ async fn fetch_manifest_by_digest(
 ) -> Result<Manifest, ApiError> {
     let key = format!("{remote}@{digest}");
     let (layer_c, upstream, metrics) = (layer.clone(), upstream.clone(), metrics.clone());
-    let (remote, digest) = (remote.to_owned(), digest.clone());
+    let (remote, digest, ctx) = (remote.to_owned(), digest.clone(), ctx.clone());
     layer
         .manifest_fetches
-        .join(key, &layer.tasks, "manifest fetch task failed", move || async move {
-            fetch_manifest(&layer_c, &upstream, &metrics, &remote, &digest).await
+        .join(key, "manifest fetch task failed", move || async move {
+            fetch_manifest(&ctx, &layer_c, &upstream, &metrics, &remote, &digest).await
         })
         .await
 }
@@ -283,7 +304,8 @@ fn prefetch(
     blobs: Vec<Digest>,
 ) {
     for d in blobs {
-        let source = UpstreamBlob::new(upstream, remote, &d, metrics);
+        // No request waits for a prefetch: its notes go nowhere.
+        let source = UpstreamBlob::new(upstream, remote, &d, metrics, &RequestContext::default());
         let cache = layer.cache.clone();
         layer.tasks.spawn(async move {
             if matches!(cache.blob(&d).await, Ok(Some(_))) {
@@ -300,6 +322,7 @@ fn prefetch(
 /// A manifest by digest through the cache.
 async fn by_digest(
     state: &AppState,
+    ctx: &RequestContext,
     layer: &CacheLayer,
     method: &Method,
     remote: &str,
@@ -310,14 +333,14 @@ async fn by_digest(
     if digest.algorithm().as_ref() == "sha256" {
         match layer.cache.manifest(digest).await {
             Ok(Some(m)) => {
-                return Ok(from_cache(m, digest, head, metrics, "hit"));
+                return Ok(from_cache(ctx, m, digest, head, metrics, CacheResult::Hit));
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, %digest, "manifest cache lookup failed"),
         }
     }
-    metrics.cache("manifest", "miss");
-    let m = fetch_manifest_by_digest(layer, upstream, metrics, remote, digest).await?;
+    metrics.cache(ctx, "manifest", CacheResult::Miss);
+    let m = fetch_manifest_by_digest(ctx, layer, upstream, metrics, remote, digest).await?;
     Ok(fetched(m, head, metrics))
 }
 
@@ -338,6 +361,7 @@ fn wants_revalidation(headers: &HeaderMap) -> bool {
 /// revoked license.
 async fn by_tag(
     state: &AppState,
+    ctx: &RequestContext,
     layer: &CacheLayer,
     method: &Method,
     remote: &str,
@@ -364,26 +388,42 @@ async fn by_tag(
         && let Some(r) = &record
         && let Ok(Some(m)) = layer.cache.manifest(&r.digest).await
     {
-        return Ok(from_cache(m, &r.digest, head, metrics, "hit"));
+        return Ok(from_cache(
+            ctx,
+            m,
+            &r.digest,
+            head,
+            metrics,
+            CacheResult::Hit,
+        ));
     }
     let resolved = revalidate(
         &layer.revalidations,
-        &layer.tasks,
         &layer.cache,
         upstream,
         metrics,
         remote,
         tag,
+        ctx,
     )
     .await;
     let (digest, media_type) = match resolved {
         Ok(v) => v,
-        Err(e) if !force_revalidation && stale_allowed(&e) => {
+        // Stale content is served when the upstream fails, refuses us or rate-limits,
+        // never when it says the tag does not exist.
+        Err(e) if !force_revalidation && e.allows_stale() => {
             if let Some(r) = &record
                 && let Ok(Some(m)) = layer.cache.manifest(&r.digest).await
             {
                 tracing::warn!(repository = %remote, %tag, error = %e, "upstream failing; serving cached tag (stale-if-error)");
-                return Ok(from_cache(m, &r.digest, head, metrics, "stale"));
+                return Ok(from_cache(
+                    ctx,
+                    m,
+                    &r.digest,
+                    head,
+                    metrics,
+                    CacheResult::Stale,
+                ));
             }
             return Err(e);
         }
@@ -394,10 +434,10 @@ async fn by_tag(
             .cache
             .put_tag(remote, tag, &digest, &m.media_type)
             .await;
-        return Ok(from_cache(m, &digest, head, metrics, "hit"));
+        return Ok(from_cache(ctx, m, &digest, head, metrics, CacheResult::Hit));
     }
-    metrics.cache("manifest", "miss");
-    let m = match fetch_manifest_by_digest(layer, upstream, metrics, remote, &digest).await {
+    metrics.cache(ctx, "manifest", CacheResult::Miss);
+    let m = match fetch_manifest_by_digest(ctx, layer, upstream, metrics, remote, &digest).await {
         Ok(m) => m,
         Err(e) => {
             tracing::debug!(error = %e, %media_type, "manifest fetch after revalidation failed");
@@ -408,12 +448,6 @@ async fn by_tag(
         tracing::warn!(error = %e, "could not record tag");
     }
     Ok(fetched(m, head, metrics))
-}
-
-/// Stale content is served when the upstream fails, refuses us or rate-limits, never
-/// when it says the tag does not exist.
-fn stale_allowed(e: &ApiError) -> bool {
-    e.status().is_server_error() || e.status() == StatusCode::TOO_MANY_REQUESTS
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use oci_spec::image::Digest;
 use crate::api::state::AppState;
 use crate::error::ApiError;
 use crate::ops::metrics::Metrics;
+use crate::ops::notes::RequestContext;
 use crate::upstream::client::BodyTimer;
 use crate::upstream::response::check_blob_length;
 
@@ -68,12 +69,16 @@ pub(crate) fn stream(metrics: &Arc<Metrics>, resp: reqwest::Response, head: bool
 /// the client.
 pub(crate) async fn blob(
     state: &AppState,
+    ctx: &RequestContext,
     method: &Method,
     remote: &str,
     digest: &Digest,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let resp = state.upstream.blob(method, remote, digest, headers).await?;
+    let resp = state
+        .upstream
+        .blob(method, remote, digest, headers, ctx)
+        .await?;
     check_blob_length(&resp)?;
     Ok(stream(&state.metrics, resp, *method == Method::HEAD))
 }

@@ -7,10 +7,12 @@ use oci_spec::image::Digest;
 use crate::api::passthrough;
 use crate::api::state::AppState;
 use crate::error::ApiError;
+use crate::ops::notes::RequestContext;
 
 /// The referrers endpoint.
 pub(crate) async fn get(
     state: &AppState,
+    ctx: &RequestContext,
     remote: &str,
     digest: &Digest,
     query: Option<&str>,
@@ -18,7 +20,7 @@ pub(crate) async fn get(
 ) -> Result<Response, ApiError> {
     let resp = state
         .upstream
-        .referrers(remote, digest, query, headers)
+        .referrers(remote, digest, query, headers, ctx)
         .await?;
     Ok(passthrough::stream(&state.metrics, resp, false))
 }

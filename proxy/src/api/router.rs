@@ -15,6 +15,7 @@ use crate::api::state::AppState;
 use crate::api::{blobs, manifests, referrers, tags};
 use crate::error::ApiError;
 use crate::ops::access_log::RouteLabel;
+use crate::ops::notes::RequestContext;
 use crate::path::{self, Reference, Route};
 
 /// The API router.
@@ -37,7 +38,8 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     // Only the head is needed; a body on a read request is ignored.
     let (parts, _body) = req.into_parts();
     let route_label;
-    let (handled, notes) = crate::ops::notes::with_notes(handle(&state, &parts)).await;
+    let ctx = RequestContext::default();
+    let handled = handle(&state, &parts, &ctx).await;
     let resp = match handled {
         Ok((label, resp)) => {
             route_label = label;
@@ -50,7 +52,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     };
     let mut resp = resp;
     resp.extensions_mut().insert(RouteLabel(route_label));
-    resp.extensions_mut().insert(notes);
+    resp.extensions_mut().insert(ctx);
     resp.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
@@ -60,7 +62,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
 
 type Handled = Result<(&'static str, Response), (&'static str, ApiError)>;
 
-async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
+async fn handle(state: &AppState, req: &http::request::Parts, ctx: &RequestContext) -> Handled {
     let rest = req
         .uri
         .path()
@@ -114,11 +116,13 @@ async fn handle(state: &AppState, req: &http::request::Parts) -> Handled {
     let query = filtered_query(&route, req.uri.query());
     let (m, h) = (&method, &req.headers);
     let result = match &route {
-        Route::Manifest { reference, .. } => manifests::get(state, m, &remote, reference, h).await,
-        Route::Blob { digest, .. } => blobs::get(state, m, &remote, digest, h).await,
-        Route::Tags { name } => tags::get(state, name, &remote, query.as_deref(), h).await,
+        Route::Manifest { reference, .. } => {
+            manifests::get(state, ctx, m, &remote, reference, h).await
+        }
+        Route::Blob { digest, .. } => blobs::get(state, ctx, m, &remote, digest, h).await,
+        Route::Tags { name } => tags::get(state, ctx, name, &remote, query.as_deref(), h).await,
         Route::Referrers { digest, .. } => {
-            referrers::get(state, &remote, digest, query.as_deref(), h).await
+            referrers::get(state, ctx, &remote, digest, query.as_deref(), h).await
         }
         Route::Base => Ok(base_response()),
     };

@@ -9,18 +9,20 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use crate::api::state::AppState;
 use crate::error::ApiError;
+use crate::ops::notes::RequestContext;
 use crate::path::Alias;
 use crate::upstream::response::{MAX_TAGS_BYTES, read_bounded};
 
 /// The tag list endpoint; `local` is the client-side name, `remote` the upstream one.
 pub(crate) async fn get(
     state: &AppState,
+    ctx: &RequestContext,
     local: &str,
     remote: &str,
     query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let resp = state.upstream.tags(remote, query, headers).await?;
+    let resp = state.upstream.tags(remote, query, headers, ctx).await?;
     let status = resp.status();
     let link = resp
         .headers()

@@ -16,8 +16,8 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::error::ErrorInfo;
-use crate::ops::metrics::{Metrics, client_kind, method_label, pull_source};
-use crate::ops::notes::Notes;
+use crate::ops::metrics::{Metrics, client_kind, method_label};
+use crate::ops::notes::{CacheResult, RequestContext};
 
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -32,7 +32,8 @@ struct Finish {
     route: &'static str,
     status: u16,
     error: Option<ErrorInfo>,
-    notes: Notes,
+    /// Read when the line is written: a fill feeding the body may note more until then.
+    ctx: RequestContext,
     started: Instant,
     bytes: u64,
     /// `Content-Length` of the response: hyper stops polling a sized body once that many
@@ -58,11 +59,11 @@ impl Drop for Finish {
         if self.expected == Some(self.bytes) {
             self.complete = true;
         }
-        // Microsecond resolution: a float of the raw nanoseconds prints as
-        // 0.12050999999999999, which no one wants to read or store.
-        let duration_ms = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX) as f64 / 1000.0;
-        let cache = self.notes.cache.unwrap_or("-");
-        let upstream_status = self.notes.upstream_status.map_or(-1, i32::from);
+        let duration_ms = millis(elapsed);
+        let notes = self.ctx.notes();
+        let cache = notes.cache.map_or("-", CacheResult::as_str);
+        let upstream_status = notes.upstream.map_or(-1, |u| i32::from(u.status));
+        let upstream_ms = notes.upstream.map(|u| millis(u.elapsed));
         // Absent fields are left out of the line: errors carry their code and origin,
         // successes whether the body was complete.
         tracing::info!(
@@ -74,12 +75,19 @@ impl Drop for Finish {
             duration_ms,
             cache,
             upstream_status,
+            upstream_ms,
             error_code = self.error.map(|e| e.code),
             error_origin = self.error.map(|e| e.origin.as_str()),
             complete = self.error.is_none().then_some(self.complete),
             "request"
         );
     }
+}
+
+/// Milliseconds with microsecond resolution: a float of the raw nanoseconds prints as
+/// 0.12050999999999999, which no one wants to read or store.
+fn millis(d: std::time::Duration) -> f64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX) as f64 / 1000.0
 }
 
 pin_project_lite::pin_project! {
@@ -147,10 +155,10 @@ pub(crate) async fn layer(
         .get::<RouteLabel>()
         .map_or("other", |r| r.0);
     let error = resp.extensions().get::<ErrorInfo>().copied();
-    let notes = resp
+    let ctx = resp
         .extensions()
-        .get::<Notes>()
-        .copied()
+        .get::<RequestContext>()
+        .cloned()
         .unwrap_or_default();
     if method == "GET"
         && resp.status().is_success()
@@ -158,7 +166,7 @@ pub(crate) async fn layer(
     {
         metrics
             .pulls
-            .with_label_values(&[client, kind, pull_source(notes.cache)])
+            .with_label_values(&[client, kind, CacheResult::source(ctx.notes().cache)])
             .inc();
     }
     let expected = resp
@@ -172,7 +180,7 @@ pub(crate) async fn layer(
         route,
         status: resp.status().as_u16(),
         error,
-        notes,
+        ctx,
         started,
         bytes: 0,
         expected,

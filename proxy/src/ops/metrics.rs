@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use http::Method;
+
+use crate::ops::notes::{CacheResult, RequestContext};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -303,8 +305,10 @@ impl Metrics {
             m.token_fetches.with_label_values(&[r]).inc_by(0);
         }
         for kind in ["blob", "manifest"] {
-            for result in ["hit", "miss", "coalesced", "stale", "bypass"] {
-                m.cache_results.with_label_values(&[kind, result]).inc_by(0);
+            for result in CacheResult::ALL {
+                m.cache_results
+                    .with_label_values(&[kind, result.as_str()])
+                    .inc_by(0);
             }
         }
         for source in ["cache", "upstream"] {
@@ -403,10 +407,12 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Records a cache lookup outcome (also noted for the request's log line).
-    pub(crate) fn cache(&self, kind: &'static str, result: &'static str) {
-        self.cache_results.with_label_values(&[kind, result]).inc();
-        crate::ops::notes::note_cache(result);
+    /// Records a cache lookup outcome, also in the request's notes for its log line.
+    pub(crate) fn cache(&self, ctx: &RequestContext, kind: &'static str, result: CacheResult) {
+        self.cache_results
+            .with_label_values(&[kind, result.as_str()])
+            .inc();
+        ctx.note_cache(result);
     }
 
     /// Registers a family defined elsewhere (the cluster tier's).
@@ -512,14 +518,6 @@ pub(crate) fn client_kind(user_agent: Option<&http::HeaderValue>) -> &'static st
         .map(http::HeaderValue::as_bytes)
         .is_some_and(|ua| ua.len() >= 11 && ua[..11].eq_ignore_ascii_case(b"containerd/"));
     if containerd { "containerd" } else { "other" }
-}
-
-/// Where a pull's bytes came from, from the cache result the handler noted.
-pub(crate) fn pull_source(cache: Option<&str>) -> &'static str {
-    match cache {
-        Some("hit" | "stale") => "cache",
-        _ => "upstream",
-    }
 }
 
 /// Bounded method label.

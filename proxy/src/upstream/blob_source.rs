@@ -11,6 +11,7 @@ use registry_cache::{BlobSource, Digest, SourceBody, SourceError};
 
 use crate::error::ApiError;
 use crate::ops::metrics::Metrics;
+use crate::ops::notes::RequestContext;
 use crate::upstream::Upstream;
 use crate::upstream::client::BodyTimer;
 use crate::upstream::response::{check_blob_length, transport_error};
@@ -21,6 +22,9 @@ pub(crate) struct UpstreamBlob {
     repo: String,
     digest: Digest,
     metrics: Arc<Metrics>,
+    /// The request that started the fill: its log line names this source's upstream
+    /// responses, and requests joining the fill take them over.
+    ctx: RequestContext,
 }
 
 impl UpstreamBlob {
@@ -30,13 +34,20 @@ impl UpstreamBlob {
         repo: &str,
         digest: &Digest,
         metrics: &Arc<Metrics>,
+        ctx: &RequestContext,
     ) -> Arc<Self> {
         Arc::new(Self {
             upstream: upstream.clone(),
             repo: repo.to_owned(),
             digest: digest.clone(),
             metrics: metrics.clone(),
+            ctx: ctx.clone(),
         })
+    }
+
+    /// The notes of the request that started the fill.
+    pub(crate) fn context(&self) -> &RequestContext {
+        &self.ctx
     }
 }
 
@@ -44,7 +55,7 @@ impl BlobSource for UpstreamBlob {
     fn open(&self, offset: u64) -> BoxFuture<'static, Result<SourceBody, SourceError>> {
         let upstream = self.upstream.clone();
         let (repo, digest) = (self.repo.clone(), self.digest.clone());
-        let metrics = self.metrics.clone();
+        let (metrics, ctx) = (self.metrics.clone(), self.ctx.clone());
         async move {
             // A failure of the first request goes straight back to the client (which
             // retries on its own); only a resume mid-blob is worth retrying here.
@@ -56,7 +67,7 @@ impl BlobSource for UpstreamBlob {
                 }
             };
             let resp = upstream
-                .blob_from(&repo, &digest, offset)
+                .blob_from(&repo, &digest, offset, &ctx)
                 .await
                 .map_err(classify)?;
             check_blob_length(&resp).map_err(SourceError::fatal)?;
@@ -96,8 +107,7 @@ impl BlobSource for UpstreamBlob {
 
 /// Transport failures and upstream 5xx may pass; 4xx and refusals will not.
 fn source_error(e: ApiError) -> SourceError {
-    let retryable = e.status().is_server_error() && e.code() != "DENIED";
-    if retryable {
+    if e.is_retryable() {
         SourceError::retryable(e)
     } else {
         SourceError::fatal(e)

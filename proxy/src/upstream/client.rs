@@ -20,6 +20,7 @@ use registry_auth::upstream::UpstreamAuth;
 use crate::config::UpstreamConfig;
 use crate::error::{ApiError, Error};
 use crate::ops::metrics::Metrics;
+use crate::ops::notes::RequestContext;
 use crate::upstream::response::{NotFound, map_status, transport_error};
 
 /// Every OCI and Docker manifest type, for requests the proxy makes on its own.
@@ -105,7 +106,14 @@ impl Upstream {
 
     /// `GET /v2/` with whatever credentials are configured, any status.
     pub(crate) async fn ping(&self) -> Result<reqwest::Response, ApiError> {
-        self.send(Method::GET, "", &HeaderMap::new(), None).await
+        self.send(
+            Method::GET,
+            "",
+            &HeaderMap::new(),
+            None,
+            &RequestContext::default(),
+        )
+        .await
     }
 
     /// A blob, whole or the part the forwarded `Range` names; error statuses mapped.
@@ -115,10 +123,11 @@ impl Upstream {
         repo: &str,
         digest: &Digest,
         headers: &HeaderMap,
+        ctx: &RequestContext,
     ) -> Result<reqwest::Response, ApiError> {
         let path = format!("{repo}/blobs/{digest}");
         let resp = self
-            .send(method.clone(), &path, headers, Some(&scope(repo)))
+            .send(method.clone(), &path, headers, Some(&scope(repo)), ctx)
             .await?;
         map_status(resp, NotFound::Blob)
     }
@@ -129,6 +138,7 @@ impl Upstream {
         repo: &str,
         digest: &Digest,
         offset: u64,
+        ctx: &RequestContext,
     ) -> Result<reqwest::Response, ApiError> {
         let mut headers = HeaderMap::new();
         if offset > 0
@@ -136,7 +146,7 @@ impl Upstream {
         {
             headers.insert(header::RANGE, v);
         }
-        self.blob(&Method::GET, repo, digest, &headers).await
+        self.blob(&Method::GET, repo, digest, &headers, ctx).await
     }
 
     /// A manifest by tag or digest, any status; the full `Accept` list unless the client
@@ -147,13 +157,14 @@ impl Upstream {
         repo: &str,
         reference: &str,
         headers: &HeaderMap,
+        ctx: &RequestContext,
     ) -> Result<reqwest::Response, ApiError> {
         let path = format!("{repo}/manifests/{reference}");
         let mut fwd = headers.clone();
         if !fwd.contains_key(header::ACCEPT) {
             fwd.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
         }
-        self.send(method.clone(), &path, &fwd, Some(&scope(repo)))
+        self.send(method.clone(), &path, &fwd, Some(&scope(repo)), ctx)
             .await
     }
 
@@ -164,9 +175,10 @@ impl Upstream {
         repo: &str,
         reference: &str,
         headers: &HeaderMap,
+        ctx: &RequestContext,
     ) -> Result<reqwest::Response, ApiError> {
         let resp = self
-            .manifest_any_status(method, repo, reference, headers)
+            .manifest_any_status(method, repo, reference, headers, ctx)
             .await?;
         map_status(resp, NotFound::Manifest)
     }
@@ -177,9 +189,10 @@ impl Upstream {
         repo: &str,
         query: Option<&str>,
         headers: &HeaderMap,
+        ctx: &RequestContext,
     ) -> Result<reqwest::Response, ApiError> {
         let path = with_query(format!("{repo}/tags/list"), query);
-        self.send(Method::GET, &path, headers, Some(&scope(repo)))
+        self.send(Method::GET, &path, headers, Some(&scope(repo)), ctx)
             .await
     }
 
@@ -189,8 +202,9 @@ impl Upstream {
         repo: &str,
         query: Option<&str>,
         headers: &HeaderMap,
+        ctx: &RequestContext,
     ) -> Result<reqwest::Response, ApiError> {
-        let resp = self.tags_any_status(repo, query, headers).await?;
+        let resp = self.tags_any_status(repo, query, headers, ctx).await?;
         map_status(resp, NotFound::Name)
     }
 
@@ -201,10 +215,11 @@ impl Upstream {
         digest: &Digest,
         query: Option<&str>,
         headers: &HeaderMap,
+        ctx: &RequestContext,
     ) -> Result<reqwest::Response, ApiError> {
         let path = with_query(format!("{repo}/referrers/{digest}"), query);
         let resp = self
-            .send(Method::GET, &path, headers, Some(&scope(repo)))
+            .send(Method::GET, &path, headers, Some(&scope(repo)), ctx)
             .await?;
         map_status(resp, NotFound::Manifest)
     }
@@ -220,6 +235,7 @@ impl Upstream {
         path_and_query: &str,
         client_headers: &HeaderMap,
         scope: Option<&str>,
+        ctx: &RequestContext,
     ) -> Result<reqwest::Response, ApiError> {
         let url = format!("{}/v2/{path_and_query}", self.base);
         let mut headers = HeaderMap::new();
@@ -232,7 +248,7 @@ impl Upstream {
         }
         let authorization = self.auth.authorization(scope).await.map_err(auth_error)?;
         let resp = self
-            .once(&method, &url, &headers, authorization.as_ref())
+            .once(&method, &url, &headers, authorization.as_ref(), ctx)
             .await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
@@ -247,7 +263,9 @@ impl Upstream {
         let Some(retry) = retry else {
             return Err(ApiError::upstream_denied(401));
         };
-        let resp = self.once(&method, &url, &headers, Some(&retry)).await?;
+        let resp = self
+            .once(&method, &url, &headers, Some(&retry), ctx)
+            .await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             return Err(ApiError::upstream_denied(401));
         }
@@ -260,6 +278,7 @@ impl Upstream {
         url: &str,
         headers: &HeaderMap,
         authorization: Option<&HeaderValue>,
+        ctx: &RequestContext,
     ) -> Result<reqwest::Response, ApiError> {
         let http = self.http.load_full();
         let mut req = http.request(method.clone(), url).headers(headers.clone());
@@ -273,7 +292,7 @@ impl Upstream {
             Ok(mut resp) => {
                 self.metrics
                     .upstream_response(method, resp.status().as_u16(), elapsed);
-                crate::ops::notes::note_upstream(resp.status().as_u16());
+                ctx.note_upstream(resp.status().as_u16(), elapsed);
                 resp.extensions_mut()
                     .insert(SentAt(started, method.clone()));
                 if let Some(rem) = resp
@@ -289,7 +308,7 @@ impl Upstream {
             }
             Err(e) => {
                 self.metrics.upstream_response(method, 0, elapsed);
-                crate::ops::notes::note_upstream(0);
+                ctx.note_upstream(0, elapsed);
                 Err(transport_error(&e))
             }
         }

@@ -13,15 +13,18 @@ use crate::error::ApiError;
 
 type Flight<T> = Shared<BoxFuture<'static, Result<T, ApiError>>>;
 
-/// The flights running now, by key.
+/// The flights running now, by key, and the tracker owning their tasks.
 pub(crate) struct Flights<T> {
     running: Mutex<HashMap<String, Flight<T>>>,
+    tasks: TaskTracker,
 }
 
-impl<T> Default for Flights<T> {
-    fn default() -> Self {
+impl<T> Flights<T> {
+    /// No flight yet; flights will run on `tasks`.
+    pub(crate) fn new(tasks: TaskTracker) -> Self {
         Self {
             running: Mutex::new(HashMap::new()),
+            tasks,
         }
     }
 }
@@ -40,12 +43,11 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         }
     }
 
-    /// Joins the flight for `key`, or starts `start()` on `tasks` as that flight.
+    /// Joins the flight for `key`, or starts `start()` on a task as that flight.
     /// `what` names the work in the error when its task dies.
     pub(crate) async fn join<F>(
         &self,
         key: String,
-        tasks: &TaskTracker,
         what: &'static str,
         start: impl FnOnce() -> F,
     ) -> Result<T, ApiError>
@@ -57,7 +59,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
             if let Some(s) = running.get(&key) {
                 s.clone()
             } else {
-                let task = tasks.spawn(start());
+                let task = self.tasks.spawn(start());
                 let fut: BoxFuture<'static, Result<T, ApiError>> = async move {
                     match task.await {
                         Ok(r) => r,

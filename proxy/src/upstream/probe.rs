@@ -17,9 +17,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Kind};
 use crate::ops::health::{Probe, ProbeStatus};
 use crate::ops::metrics::{Metrics, PROBE_OUTCOMES};
+use crate::ops::notes::RequestContext;
 use crate::upstream::Upstream;
 
 fn now_unix() -> u64 {
@@ -28,22 +29,16 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Maps a failed step to its outcome label.
+/// Maps a failed step to its outcome label, by the error's kind.
 fn classify(e: &ApiError) -> &'static str {
-    if e.code() == "DENIED" {
-        return "auth";
-    }
-    if e.status() == StatusCode::NOT_FOUND {
+    if e.is_not_found() {
         return "not_found";
     }
-    let m = e.message().to_ascii_lowercase();
-    if m.contains("certificate") || m.contains("tls") || m.contains("handshake") {
-        return "tls";
+    match e.kind() {
+        Kind::Denied | Kind::TokenService => "auth",
+        Kind::Tls => "tls",
+        _ => "unreachable",
     }
-    if m.contains("authentication") || m.contains("token") {
-        return "auth";
-    }
-    "unreachable"
 }
 
 /// One probe round trip.
@@ -54,16 +49,18 @@ async fn probe_once(
 ) -> Result<(), (&'static str, String)> {
     let fail = |step: &str, e: ApiError| (classify(&e), format!("{step}: {}", e.message()));
     let empty = HeaderMap::new();
+    // Nobody logs the probe's notes; its result goes to `/readyz` and the metrics.
+    let ctx = RequestContext::default();
     let resp = upstream.ping().await.map_err(|e| fail("GET /v2/", e))?;
     check_status(resp.status(), "GET /v2/")?;
     let resp = upstream
-        .tags_any_status(repo, Some("n=1"), &empty)
+        .tags_any_status(repo, Some("n=1"), &empty, &ctx)
         .await
         .map_err(|e| fail("tags/list", e))?;
     check_status(resp.status(), &format!("GET {repo}/tags/list"))?;
     if let Some(tag) = reference {
         let resp = upstream
-            .manifest_any_status(&Method::HEAD, repo, tag, &empty)
+            .manifest_any_status(&Method::HEAD, repo, tag, &empty, &ctx)
             .await
             .map_err(|e| fail("manifest HEAD", e))?;
         check_status(resp.status(), &format!("HEAD {repo}/manifests/{tag}"))?;
@@ -155,7 +152,7 @@ mod tests {
             "not_found"
         );
         assert_eq!(
-            classify(&ApiError::upstream_unreachable(
+            classify(&ApiError::upstream_tls(
                 "connection failed: invalid peer certificate: UnknownIssuer"
             )),
             "tls"

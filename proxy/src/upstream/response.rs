@@ -71,7 +71,30 @@ pub(crate) fn transport_error(e: &reqwest::Error) -> ApiError {
         reason.push_str(": ");
         reason.push_str(&last);
     }
-    ApiError::upstream_unreachable(&reason)
+    if is_tls_failure(e) {
+        ApiError::upstream_tls(&reason)
+    } else {
+        ApiError::upstream_unreachable(&reason)
+    }
+}
+
+/// Whether a rustls error is somewhere in the cause chain. An `io::Error` hides the error
+/// it wraps from `source()` (it returns that error's own source), so the chain goes through
+/// `get_ref()` there; hyper wraps the handshake's `io::Error` in another one.
+fn is_tls_failure(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<rustls::Error>() {
+            return true;
+        }
+        cause = match c.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    false
 }
 
 /// Refuses an upstream blob response whose announced length is implausible.
@@ -140,6 +163,46 @@ pub(crate) async fn read_manifest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A "registry" that answers a TLS ClientHello with plain HTTP: the failure must be
+    /// classified as TLS by its type.
+    #[tokio::test]
+    async fn a_tls_failure_is_typed_as_tls() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            if let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let client = crate::upstream::client::build_client(None).unwrap();
+        let e = client
+            .get(format!("https://{addr}/v2/"))
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(transport_error(&e).kind(), crate::error::Kind::Tls, "{e:?}");
+        server.abort();
+
+        // A refused connection is not a TLS failure.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let e = client
+            .get(format!("https://{addr}/v2/"))
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            transport_error(&e).kind(),
+            crate::error::Kind::Unreachable,
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn digest_of_empty() {

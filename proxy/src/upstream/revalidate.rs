@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Method, header};
 use registry_cache::{Cache, Digest};
-use tokio_util::task::TaskTracker;
 
 use crate::error::ApiError;
 use crate::ops::metrics::Metrics;
+use crate::ops::notes::RequestContext;
 use crate::upstream::Upstream;
 use crate::upstream::flight::Flights;
 use crate::upstream::response::read_manifest;
@@ -17,22 +17,26 @@ use crate::upstream::response::read_manifest;
 pub(crate) type Resolved = (Digest, String);
 
 /// Asks the upstream what `repo:tag` is now (coalesced per tag) and records the check.
+/// The request starting the check (`ctx`) gets its upstream notes; requests joining it
+/// share the answer only.
 pub(crate) async fn revalidate(
     flights: &Flights<Resolved>,
-    tasks: &TaskTracker,
     cache: &Cache,
     upstream: &Upstream,
     metrics: &Arc<Metrics>,
     repo: &str,
     tag: &str,
+    ctx: &RequestContext,
 ) -> Result<Resolved, ApiError> {
     let (upstream, metrics, cache) = (upstream.clone(), metrics.clone(), cache.clone());
-    let (repo, tag) = (repo.to_owned(), tag.to_owned());
+    let (repo, tag, ctx) = (repo.to_owned(), tag.to_owned(), ctx.clone());
     let key = format!("{repo}:{tag}");
     flights
-        .join(key, tasks, "revalidation task failed", move || async move {
+        .join(key, "revalidation task failed", move || async move {
             let none = HeaderMap::new();
-            let resp = upstream.manifest(&Method::HEAD, &repo, &tag, &none).await?;
+            let resp = upstream
+                .manifest(&Method::HEAD, &repo, &tag, &none, &ctx)
+                .await?;
             let digest = resp
                 .headers()
                 .get("docker-content-digest")
@@ -48,7 +52,9 @@ pub(crate) async fn revalidate(
                 Some(d) => d,
                 None => {
                     // No digest header on HEAD: fetch the manifest to learn it.
-                    let resp = upstream.manifest(&Method::GET, &repo, &tag, &none).await?;
+                    let resp = upstream
+                        .manifest(&Method::GET, &repo, &tag, &none, &ctx)
+                        .await?;
                     read_manifest(resp, None, &metrics).await?.1
                 }
             };

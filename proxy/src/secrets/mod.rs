@@ -1,15 +1,16 @@
 //! # Layout
 //!
 //! Live reload of every secret and certificate file a flag names: each watched file and
-//! what it swaps. A file that fails to parse keeps the old value (and counts an error in
+//! what it swaps (here), and the polling watcher with its own error type ([`watch`]). A
+//! file that fails to parse keeps the old value (and counts an error in
 //! `registry_proxy_config_reloads_total`).
+
+mod watch;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use registry_auth::Error as AuthError;
 use registry_auth::client::{Htpasswd, SigningKey};
-use registry_auth::reload::FileWatcher;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -18,6 +19,7 @@ use crate::edge::auth::Edge;
 use crate::edge::tls::ReloadableCert;
 use crate::ops::metrics::Metrics;
 use crate::upstream::Upstream;
+use watch::{FileWatcher, Reason};
 
 /// Everything the reload watcher swaps.
 pub(crate) struct Reloadables {
@@ -33,7 +35,7 @@ pub(crate) struct Reloadables {
     pub(crate) s3: Option<Arc<registry_cache::S3Credentials>>,
 }
 
-fn counted(metrics: &Metrics, file: &'static str, res: &Result<(), AuthError>) {
+fn counted(metrics: &Metrics, file: &'static str, res: &Result<(), Reason>) {
     let result = if res.is_ok() { "ok" } else { "error" };
     metrics
         .config_reloads
@@ -43,14 +45,6 @@ fn counted(metrics: &Metrics, file: &'static str, res: &Result<(), AuthError>) {
 
 fn loaded(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_default()
-}
-
-fn load_error(what: &'static str, path: &Path, reason: String) -> AuthError {
-    AuthError::Load {
-        what,
-        path: path.display().to_string(),
-        reason,
-    }
 }
 
 /// Watches every secret and certificate file named in the configuration and installs
@@ -70,10 +64,13 @@ pub(crate) fn spawn_reloader(
         };
         let path = source.path().to_owned();
         w.watch_loaded(&path, what, &loaded(&path), move |bytes| {
-            let res = source.parse(bytes).map(|creds| {
-                upstream.auth().set_credentials(Some(creds.clone()));
-                edge.auth.set_upstream_credentials(Some(creds));
-            });
+            let res = source
+                .parse(bytes)
+                .map(|creds| {
+                    upstream.auth().set_credentials(Some(creds.clone()));
+                    edge.auth.set_upstream_credentials(Some(creds));
+                })
+                .map_err(Reason::from);
             counted(&metrics, "credentials", &res);
             res
         });
@@ -81,7 +78,9 @@ pub(crate) fn spawn_reloader(
     if let Some(path) = &config.client_auth.htpasswd_file {
         let (edge, metrics) = (r.edge.clone(), r.metrics.clone());
         w.watch_loaded(path, "htpasswd", &loaded(path), move |bytes| {
-            let res = Htpasswd::from_bytes(bytes).map(|h| edge.auth.set_htpasswd(h));
+            let res = Htpasswd::from_bytes(bytes)
+                .map(|h| edge.auth.set_htpasswd(h))
+                .map_err(Reason::from);
             counted(&metrics, "htpasswd", &res);
             res
         });
@@ -89,20 +88,20 @@ pub(crate) fn spawn_reloader(
     if let Some(path) = &config.client_auth.token_key_file {
         let (edge, metrics) = (r.edge.clone(), r.metrics.clone());
         w.watch_loaded(path, "token signing key", &loaded(path), move |bytes| {
-            let res = SigningKey::from_pem(bytes).map(|k| edge.auth.set_signing_key(k));
+            let res = SigningKey::from_pem(bytes)
+                .map(|k| edge.auth.set_signing_key(k))
+                .map_err(Reason::from);
             counted(&metrics, "token_key", &res);
             res
         });
     }
     if let Some(ca) = &config.upstream.ca {
         let (upstream, metrics) = (r.upstream.clone(), r.metrics.clone());
-        let path = ca.path.clone();
         w.watch_loaded(&ca.path, "upstream CA", &loaded(&ca.path), move |bytes| {
             let res = crate::inputs::parse_ca_bundle(bytes)
-                .map_err(|reason| load_error("upstream CA", &path, reason))
+                .map_err(Reason::from)
                 .and_then(|_| {
-                    crate::upstream::client::build_client(Some(bytes))
-                        .map_err(|e| load_error("upstream CA", &path, e.to_string()))
+                    crate::upstream::client::build_client(Some(bytes)).map_err(Reason::from)
                 })
                 .map(|client| upstream.set_client(client));
             counted(&metrics, "upstream_ca", &res);
@@ -126,7 +125,7 @@ pub(crate) fn spawn_reloader(
                             .set(crate::edge::tls::leaf_not_after(&ck).unwrap_or(0));
                         cert.set(ck);
                     })
-                    .map_err(|reason| load_error("serving certificate", &cp, reason));
+                    .map_err(Reason::from);
                 counted(&metrics, "tls", &res);
                 res
             });
@@ -150,11 +149,9 @@ pub(crate) fn spawn_reloader(
                         s3.set(&a, &s);
                         Ok(())
                     }
-                    _ => Err(AuthError::Load {
-                        what: "S3 key pair",
-                        path: String::new(),
-                        reason: "empty or unreadable key file".to_owned(),
-                    }),
+                    _ => Err(Reason::from(
+                        "the S3 key pair has an empty or unreadable key file",
+                    )),
                 };
                 counted(&metrics, "s3_keys", &res);
                 res

@@ -8,9 +8,9 @@
 //! swap and costs one small read per file per interval.
 //!
 //! Each file has a callback that parses the new bytes and installs them (e.g.
-//! [`crate::client::ClientAuth::set_htpasswd`]). When it fails, the previous value stays
-//! in force and one warning names the file (never its content); the same broken
-//! content is not reported again, and the next different content is tried afresh.
+//! `ClientAuth::set_htpasswd`). When it fails, the previous value stays in force and one
+//! warning, a [`SecretError`] naming the file (never its content), is logged; the same
+//! broken content is not reported again, and the next different content is tried afresh.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,17 +19,28 @@ use aws_lc_rs::digest;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::Error;
-
-/// Default polling interval.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
-
 /// Largest file read; secrets are a few KiB, a bigger file is a mistake.
-pub const MAX_FILE_LEN: u64 = 1024 * 1024;
+const MAX_FILE_LEN: u64 = 1024 * 1024;
+
+/// Why a callback refused new content.
+pub(crate) type Reason = Box<dyn std::error::Error + Send + Sync>;
+
+/// A watched file whose new content could not be read or installed; the previous value
+/// stays in force.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}: {reason}", path.display())]
+pub(crate) struct SecretError {
+    /// What the file holds, e.g. "upstream CA".
+    pub(crate) what: &'static str,
+    /// The watched path.
+    pub(crate) path: PathBuf,
+    /// Why.
+    pub(crate) reason: Reason,
+}
 
 /// Parses and installs a file's new content. Runs on the watcher task: keep it quick
 /// (parsing a key or an htpasswd file is), do no blocking I/O.
-pub type OnChange = Box<dyn FnMut(&[u8]) -> Result<(), Error> + Send>;
+type OnChange = Box<dyn FnMut(&[u8]) -> Result<(), Reason> + Send>;
 
 struct Watched {
     path: PathBuf,
@@ -42,7 +53,7 @@ struct Watched {
 }
 
 /// Watches a set of files; see the module docs.
-pub struct FileWatcher {
+pub(crate) struct FileWatcher {
     interval: Duration,
     files: Vec<Watched>,
 }
@@ -62,7 +73,7 @@ impl std::fmt::Debug for FileWatcher {
 impl FileWatcher {
     /// A watcher polling every `interval` (at least 10 ms).
     #[must_use]
-    pub fn new(interval: Duration) -> Self {
+    pub(crate) fn new(interval: Duration) -> Self {
         Self {
             interval: interval.max(Duration::from_millis(10)),
             files: Vec::new(),
@@ -70,11 +81,11 @@ impl FileWatcher {
     }
 
     /// Watches `path`; the first poll hands its current content to `on_change`.
-    pub fn watch(
+    pub(crate) fn watch(
         &mut self,
         path: impl Into<PathBuf>,
         what: &'static str,
-        on_change: impl FnMut(&[u8]) -> Result<(), Error> + Send + 'static,
+        on_change: impl FnMut(&[u8]) -> Result<(), Reason> + Send + 'static,
     ) -> &mut Self {
         self.files.push(Watched {
             path: path.into(),
@@ -89,12 +100,12 @@ impl FileWatcher {
     /// Watches `path` whose content `loaded` the caller has already installed: only a
     /// later, different content reaches `on_change`. Race-free with the startup load:
     /// if the file changed since, the first poll sees the difference.
-    pub fn watch_loaded(
+    pub(crate) fn watch_loaded(
         &mut self,
         path: impl Into<PathBuf>,
         what: &'static str,
         loaded: &[u8],
-        on_change: impl FnMut(&[u8]) -> Result<(), Error> + Send + 'static,
+        on_change: impl FnMut(&[u8]) -> Result<(), Reason> + Send + 'static,
     ) -> &mut Self {
         self.watch(path, what, on_change);
         if let Some(w) = self.files.last_mut() {
@@ -104,7 +115,7 @@ impl FileWatcher {
     }
 
     /// Checks every file once; returns how many new contents were installed.
-    pub async fn poll(&mut self) -> usize {
+    pub(crate) async fn poll(&mut self) -> usize {
         let mut applied = 0;
         for w in &mut self.files {
             let bytes = match read_limited(&w.path).await {
@@ -133,8 +144,13 @@ impl FileWatcher {
                     applied += 1;
                     tracing::info!(path = %w.path.display(), what = w.what, "reloaded");
                 }
-                Err(e) => {
-                    tracing::warn!(path = %w.path.display(), what = w.what, error = %e, "new content rejected; keeping the previous value");
+                Err(reason) => {
+                    let e = SecretError {
+                        what: w.what,
+                        path: w.path.clone(),
+                        reason,
+                    };
+                    tracing::warn!(error = %e, "new content rejected; keeping the previous value");
                 }
             }
         }
@@ -142,7 +158,7 @@ impl FileWatcher {
     }
 
     /// Polls every interval on a task owned by `tracker` until `cancel` fires.
-    pub fn spawn(mut self, tracker: &TaskTracker, cancel: CancellationToken) {
+    pub(crate) fn spawn(mut self, tracker: &TaskTracker, cancel: CancellationToken) {
         tracker.spawn(async move {
             let mut ticker = tokio::time::interval(self.interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -158,16 +174,7 @@ impl FileWatcher {
     }
 }
 
-/// Reads a secret file through its symlinks, refusing files over [`MAX_FILE_LEN`].
-/// For startup loads; the error carries the path but never the content.
-pub async fn read_secret_file(path: &Path, what: &'static str) -> Result<Vec<u8>, Error> {
-    read_limited(path).await.map_err(|e| Error::Load {
-        what,
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
-}
-
+/// Reads a file through its symlinks, refusing files over [`MAX_FILE_LEN`].
 async fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
     use tokio::io::AsyncReadExt as _;
     let file = tokio::fs::File::open(path).await?;
@@ -233,15 +240,12 @@ mod tests {
     /// A callback that accepts content starting with "ok" and records it.
     type Seen = Arc<Mutex<Vec<String>>>;
 
-    fn recorder() -> (Seen, impl FnMut(&[u8]) -> Result<(), Error> + Send) {
+    fn recorder() -> (Seen, impl FnMut(&[u8]) -> Result<(), Reason> + Send) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         let cb = move |b: &[u8]| {
             if !b.starts_with(b"ok") {
-                return Err(Error::Parse {
-                    what: "test file",
-                    reason: "does not start with ok".to_owned(),
-                });
+                return Err("does not start with ok".into());
             }
             s.lock()
                 .unwrap()
@@ -300,11 +304,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big");
         std::fs::write(&path, vec![b'o'; MAX_FILE_LEN as usize + 1]).unwrap();
-        let err = read_secret_file(&path, "test file").await.unwrap_err();
-        assert!(matches!(err, Error::Load { .. }), "{err}");
+        let err = read_limited(&path).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
         std::fs::write(&path, vec![b'o'; MAX_FILE_LEN as usize]).unwrap();
         assert_eq!(
-            read_secret_file(&path, "test file").await.unwrap().len(),
+            read_limited(&path).await.unwrap().len(),
             MAX_FILE_LEN as usize
         );
     }
