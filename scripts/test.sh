@@ -27,7 +27,7 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
-step "fuzz (AFL++, seven targets x 15 s from the checked-in corpus; docs/fuzzing.md)"
+step "fuzz (AFL++, nine targets x 15 s from the checked-in corpus; docs/fuzzing.md)"
 bash scripts/fuzz.sh
 
 step "install paths (kubectl kustomize of deploy/, deploy/standalone and the docs/install.md overlays)"
