@@ -22,7 +22,6 @@ use registry_tests::{
 };
 use tempfile::TempDir;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use super::cache::{free_port, proxy_binary};
 
@@ -107,33 +106,7 @@ async fn wait_for(what: &str, bound: Duration, mut ok: impl AsyncFnMut() -> bool
 /// Starts the proxy in-process on `listener` (whose address the caller already
 /// advertised to the other replicas).
 async fn start_on(listener: TcpListener, args: Vec<String>) -> ProxyHandle {
-    let metrics = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind metrics");
-    let addr = listener.local_addr().expect("addr");
-    let metrics_addr = metrics.local_addr().expect("addr");
-    let mut all = vec![
-        "--listen".to_owned(),
-        addr.to_string(),
-        "--metrics-listen".to_owned(),
-        metrics_addr.to_string(),
-    ];
-    all.extend(args);
-    let config = parse_config(&all).unwrap_or_else(|e| panic!("config {all:?} rejected: {e}"));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(registry_proxy::run(
-        config,
-        listener,
-        Some(metrics),
-        shutdown.clone(),
-    ));
-    ProxyHandle {
-        addr,
-        metrics_addr,
-        shutdown,
-        task,
-        cache_dir: None,
-    }
+    registry_tests::proxy::start_proxy_on(listener, &args).await
 }
 
 #[tokio::test]

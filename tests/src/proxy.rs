@@ -69,6 +69,12 @@ pub fn parse_config<S: AsRef<str>>(
 /// configuration is rejected.
 pub async fn start_proxy<S: AsRef<str>>(args: &[S]) -> ProxyHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    start_proxy_on(listener, args).await
+}
+
+/// As [`start_proxy`], on a listener the caller bound (for replicas that must know each
+/// other's addresses before any of them starts).
+pub async fn start_proxy_on<S: AsRef<str>>(listener: TcpListener, args: &[S]) -> ProxyHandle {
     let metrics = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind metrics");
