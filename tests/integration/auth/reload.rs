@@ -5,23 +5,10 @@ use super::*;
 #[tokio::test]
 async fn htpasswd_mode_and_reload() {
     let (up, img) = upstream().await;
-    let mut dir = SecretDir::new(&[("htpasswd", ALICE.as_bytes()), ("license", LIC.as_bytes())]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &dir.arg("license"),
-            "--client-auth",
-            "htpasswd",
-            "--htpasswd-file",
-            &dir.arg("htpasswd"),
-            "--credential-grace",
-            GRACE,
-            "--reload-interval",
-            "100ms",
-        ]),
-    ))
-    .await;
+    let (mut dir, files) =
+        SecretDir::for_flags(&[LICENSE, ("--htpasswd-file", "htpasswd", ALICE.as_bytes())]);
+    let flags = [reloading(files), s(&["--client-auth", "htpasswd"])].concat();
+    let px = start_proxy(&args(&up, &flags)).await;
     let c = test_client();
     let base = format!("http://{}", px.addr);
     let url = px.url(&manifest_path());
@@ -120,19 +107,9 @@ async fn htpasswd_mode_and_reload() {
 #[tokio::test]
 async fn license_rotation_keeps_old_credentials_for_the_grace_window() {
     let (up, img) = upstream().await;
-    let mut dir = SecretDir::new(&[("license", format!("{LIC}\n").as_bytes())]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &dir.arg("license"),
-            "--credential-grace",
-            GRACE,
-            "--reload-interval",
-            "100ms",
-        ]),
-    ))
-    .await;
+    let (mut dir, files) =
+        SecretDir::for_flags(&[("--license-file", "license", format!("{LIC}\n").as_bytes())]);
+    let px = start_proxy(&args(&up, &reloading(files))).await;
     let c = test_client();
     let base = format!("http://{}", px.addr);
     let url = px.url(&manifest_path());
@@ -221,24 +198,11 @@ async fn token_key_reload_signs_with_the_new_key() {
     let (up, _img) = upstream().await;
     let (k1_pem, _, k1_pub) = ec_key();
     let (k2_pem, _, k2_pub) = ec_key();
-    let mut dir = SecretDir::new(&[
-        ("license", LIC.as_bytes()),
-        ("token.key", k1_pem.as_bytes()),
+    let (mut dir, files) = SecretDir::for_flags(&[
+        LICENSE,
+        ("--token-key-file", "token.key", k1_pem.as_bytes()),
     ]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &dir.arg("license"),
-            "--token-key-file",
-            &dir.arg("token.key"),
-            "--credential-grace",
-            GRACE,
-            "--reload-interval",
-            "100ms",
-        ]),
-    ))
-    .await;
+    let px = start_proxy(&args(&up, &reloading(files))).await;
     let c = test_client();
     let base = format!("http://{}", px.addr);
     let url = px.url(&manifest_path());
@@ -260,20 +224,11 @@ async fn token_key_reload_signs_with_the_new_key() {
     assert!(!es256_verifies(&k1_pub, &t2));
     assert_eq!(get(&c, &url, Some(&bearer(&t2))).await.status(), 200);
     // A replica that only ever had the new key accepts the new token.
-    let k2_dir = SecretDir::new(&[
-        ("license", LIC.as_bytes()),
-        ("token.key", k2_pem.as_bytes()),
+    let (_k2_dir, files) = SecretDir::for_flags(&[
+        LICENSE,
+        ("--token-key-file", "token.key", k2_pem.as_bytes()),
     ]);
-    let px2 = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &k2_dir.arg("license"),
-            "--token-key-file",
-            &k2_dir.arg("token.key"),
-        ]),
-    ))
-    .await;
+    let px2 = start_proxy(&args(&up, &files)).await;
     assert_eq!(
         get(&c, &px2.url(&manifest_path()), Some(&bearer(&t2)))
             .await
