@@ -132,31 +132,32 @@ pub(crate) fn spawn_reloader(
         }
     }
     if let (Some(s3), Some(tier)) = (&r.s3, &config.cluster.s3) {
-        // Either file changing reloads the pair, as with the serving certificate.
+        // Either file changing reloads the pair; the watcher reads both (off the runtime's
+        // threads), so the callback does no I/O and never installs half of a swap.
         let (ak, sk) = (tier.access_key_file.clone(), tier.secret_key_file.clone());
-        for (path, what) in [(&ak, "S3 access key"), (&sk, "S3 secret key")] {
-            let (s3, metrics) = (s3.clone(), r.metrics.clone());
-            let (ak, sk) = (ak.clone(), sk.clone());
-            w.watch_loaded(path, what, &loaded(path), move |_| {
-                let read = |p: &std::path::Path| {
-                    std::fs::read_to_string(p)
-                        .ok()
-                        .map(|s| s.trim().to_owned())
-                        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
-                };
-                let res = match (read(&ak), read(&sk)) {
-                    (Some(a), Some(s)) => {
-                        s3.set(&a, &s);
-                        Ok(())
-                    }
-                    _ => Err(Reason::from(
-                        "the S3 key pair has an empty or unreadable key file",
-                    )),
-                };
-                counted(&metrics, "s3_keys", &res);
-                res
-            });
-        }
+        let (s3, metrics) = (s3.clone(), r.metrics.clone());
+        let loaded_pair = [loaded(&ak), loaded(&sk)];
+        let [la, ls] = &loaded_pair;
+        w.watch_pair_loaded([ak, sk], "S3 key pair", [la, ls], move |a, s| {
+            let key = |b: &[u8]| {
+                std::str::from_utf8(b)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty() && !k.contains(char::is_whitespace))
+                    .map(str::to_owned)
+            };
+            let res = match (key(a), key(s)) {
+                (Some(a), Some(s)) => {
+                    s3.set(&a, &s);
+                    Ok(())
+                }
+                _ => Err(Reason::from(
+                    "the S3 key pair has an empty or unreadable key file",
+                )),
+            };
+            counted(&metrics, "s3_keys", &res);
+            res
+        });
     }
     w.spawn(tasks, shutdown);
 }
