@@ -109,16 +109,18 @@ pub(crate) fn spawn_reloader(
         });
     }
     if let (Some(files), Some(cert)) = (&config.tls, &r.cert) {
-        // A Secret update swaps certificate and key together; watching both and
-        // loading the pair on either change installs the new pair once both match.
-        for (path, what) in [
-            (&files.cert, "serving certificate"),
-            (&files.key, "serving key"),
-        ] {
-            let (cert, metrics) = (cert.clone(), r.metrics.clone());
-            let (cp, kp) = (files.cert.clone(), files.key.clone());
-            w.watch_loaded(path, what, &loaded(path), move |_| {
-                let res = crate::inputs::load_certified_key(&cp, &kp)
+        // A Secret update swaps certificate and key together; the watcher reads both and
+        // hands them over at once, so the pair is installed once both match.
+        let (cert, metrics) = (cert.clone(), r.metrics.clone());
+        let (cp, kp) = (files.cert.clone(), files.key.clone());
+        let loaded_pair = [loaded(&cp), loaded(&kp)];
+        let [lc, lk] = &loaded_pair;
+        w.watch_pair_loaded(
+            [cp, kp],
+            "serving certificate and key",
+            [lc, lk],
+            move |c, k| {
+                let res = crate::inputs::certified_key_from_pem(c, k)
                     .map(|ck| {
                         metrics
                             .cert_expiry
@@ -128,8 +130,8 @@ pub(crate) fn spawn_reloader(
                     .map_err(Reason::from);
                 counted(&metrics, "tls", &res);
                 res
-            });
-        }
+            },
+        );
     }
     if let (Some(s3), Some(tier)) = (&r.s3, &config.cluster.s3) {
         // Either file changing reloads the pair; the watcher reads both (off the runtime's

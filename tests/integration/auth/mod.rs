@@ -4,8 +4,8 @@
 //! Basic on `/v2/`), token checks (scope, expiry, signature, `alg=none`, another key),
 //! replicas sharing `--token-key-file`, anonymous upstream, htpasswd mode, the credential
 //! grace window across a Kubernetes-style symlink swap, live reload of every secret file
-//! (license, htpasswd, token key, upstream CA, serving certificate), bad input at the HTTP
-//! and TLS layers, and log hygiene at trace level.
+//! (license, htpasswd, token key, upstream CA, serving certificate, S3 key pair), bad input
+//! at the HTTP and TLS layers, and log hygiene at trace level.
 //!
 //! One module per concern; what several share is here, what any test may use is in
 //! `registry_tests` (`pki`, `jwt`, `secret_dir`, `metrics`, `trace_capture`).

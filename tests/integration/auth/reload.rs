@@ -264,3 +264,50 @@ async fn token_key_reload_signs_with_the_new_key() {
     assert!(es256_verifies(&k2_pub, &t3));
     assert_eq!(get(&c, &url, Some(&bearer(&t3))).await.status(), 200);
 }
+
+#[tokio::test]
+async fn s3_key_pair_reloads_once_per_swap_and_refuses_a_blank_key() {
+    let (up, _img) = upstream().await;
+    let cache = tempfile::tempdir().unwrap();
+    // Nothing listens there: the tier fails open, and only the key reload is looked at.
+    let s3 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", s3.local_addr().unwrap());
+    drop(s3);
+    let (mut dir, files) = SecretDir::for_flags(&[
+        ("--s3-access-key-file", "access", b"AK-one"),
+        ("--s3-secret-key-file", "secret", b"SK-one"),
+    ]);
+    let mut flags = up.proxy_args();
+    flags.extend(files);
+    flags.extend(s(&[
+        "--cache-dir",
+        &cache.path().display().to_string(),
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-bucket",
+        "rp-reload",
+        "--s3-timeout",
+        "1s",
+        "--reload-interval",
+        "100ms",
+    ]));
+    let px = start_proxy(&flags).await;
+    assert_eq!(reloads(&px, "s3_keys", "ok").await, 0.0);
+
+    // Kubernetes swaps both files at once: the pair is installed once, not once per file.
+    dir.swap(&[("access", b"AK-two"), ("secret", b"SK-two")]);
+    let ok = wait_reload(&px, "s3_keys", "ok", 0.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ok, 1.0);
+    assert_eq!(
+        reloads(&px, "s3_keys", "ok").await,
+        1.0,
+        "one reload per swap"
+    );
+
+    // A blank key keeps the previous pair and counts an error.
+    let err0 = reloads(&px, "s3_keys", "error").await;
+    dir.swap(&[("access", b"  \n"), ("secret", b"SK-three")]);
+    wait_reload(&px, "s3_keys", "error", err0).await;
+    assert_eq!(reloads(&px, "s3_keys", "ok").await, 1.0);
+}
