@@ -191,8 +191,23 @@ impl FileWatcher {
     }
 }
 
-/// Reads every file of `w`; `None` (reported once until readable again) when one fails.
+/// Reads every file of `w`; `None` when one fails (reported once until readable again)
+/// or, for several files, while a swap is under way.
 async fn read_all(w: &mut Watched) -> Option<Vec<Vec<u8>>> {
+    let first = read_once(w).await?;
+    if w.paths.len() > 1 {
+        // A Secret swap (`..data` retargeted) between the reads of two files would hand
+        // over a mixed pair: take the set only when a second pass reads the same; the
+        // next poll sees the settled swap.
+        let again = read_once(w).await?;
+        if again != first {
+            return None;
+        }
+    }
+    Some(first)
+}
+
+async fn read_once(w: &mut Watched) -> Option<Vec<Vec<u8>>> {
     let mut contents = Vec::with_capacity(w.paths.len());
     for path in &w.paths {
         match read_limited(path).await {
