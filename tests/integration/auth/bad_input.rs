@@ -77,12 +77,7 @@ async fn malformed_authorization_is_a_clean_401() {
         "{}",
         r.status()
     );
-    let malformed = metric(
-        &px,
-        "registry_proxy_client_auth_total",
-        &[("result", "malformed")],
-    )
-    .await;
+    let malformed = client_auth(&px, "malformed").await;
     assert!(malformed >= 1.0, "malformed counter {malformed}");
     // Token endpoint junk: oversize form, bad query.
     let r = c

@@ -68,12 +68,7 @@ async fn challenge_format_and_realm_from_host() {
     assert!(!ch.contains("evil"), "hostile Host echoed: {ch}");
     assert_eq!(ch.matches('"').count(), 4, "challenge quoting broken: {ch}");
 
-    let challenged = metric(
-        &px,
-        "registry_proxy_client_auth_total",
-        &[("result", "challenged")],
-    )
-    .await;
+    let challenged = client_auth(&px, "challenged").await;
     assert!(challenged >= 6.0, "challenged counter {challenged}");
 }
 
@@ -314,14 +309,9 @@ async fn token_endpoint_get_post_and_use() {
     let r = get(&c, &px.url(&manifest_path()), Some(&basic(USER, LIC))).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap(), img.manifest.data);
-    let ok = metric(&px, "registry_proxy_client_auth_total", &[("result", "ok")]).await;
+    let ok = client_auth(&px, "ok").await;
     assert!(ok >= 8.0, "ok counter {ok}");
-    let issued = metric(
-        &px,
-        "registry_proxy_client_auth_total",
-        &[("result", "token_issued")],
-    )
-    .await;
+    let issued = client_auth(&px, "token_issued").await;
     assert!(issued >= 4.0, "token_issued counter {issued}");
 }
 

@@ -199,6 +199,15 @@ async fn wait_reload(px: &ProxyHandle, file: &str, result: &str, above: f64) -> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+/// `registry_proxy_client_auth_total{result}`.
+async fn client_auth(px: &ProxyHandle, result: &str) -> f64 {
+    metric(
+        px,
+        "registry_proxy_client_auth_total",
+        &[("result", result)],
+    )
+    .await
+}
 async fn reloads(px: &ProxyHandle, file: &str, result: &str) -> f64 {
     metric(
         px,

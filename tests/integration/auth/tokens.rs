@@ -116,12 +116,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
     for (what, tok) in &cases {
         assert_401(get(&c, &url, Some(&bearer(tok))).await, what).await;
     }
-    let invalid = metric(
-        &px,
-        "registry_proxy_client_auth_total",
-        &[("result", "invalid_token")],
-    )
-    .await;
+    let invalid = client_auth(&px, "invalid_token").await;
     assert!(invalid >= 1.0, "invalid_token counter {invalid}");
 
     // A token from a proxy with its own random key is refused here, and vice versa.
