@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aws_lc_rs::digest;
+use registry_oci::Sha256Hasher;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -248,16 +248,13 @@ async fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
 /// One hash over several contents, each length-prefixed so that moving bytes from one
 /// file to the next is a change.
 fn sha256_all<B: AsRef<[u8]>>(parts: &[B]) -> [u8; 32] {
-    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut h = Sha256Hasher::new();
     for p in parts {
         let p = p.as_ref();
-        ctx.update(&(p.len() as u64).to_le_bytes());
-        ctx.update(p);
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
     }
-    let d = ctx.finish();
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+    h.finish()
 }
 
 #[cfg(test)]
