@@ -18,6 +18,18 @@ fn field<'a>(line: &'a str, field: &str) -> Option<&'a str> {
     line[start..].split(' ').next()
 }
 
+/// An upstream serving one image of one layer of `layer_len` bytes at `v1`.
+async fn upstream_with(layer_len: usize) -> (FakeUpstream, Image) {
+    let up = FakeUpstream::start().await;
+    let img = Image::random(&[layer_len]);
+    up.push_image(
+        registry_tests::fake_upstream::UPSTREAM_REPO,
+        Some("v1"),
+        &img,
+    );
+    (up, img)
+}
+
 /// The access log lines of `route`.
 fn route_lines(captured: &Captured, route: &str) -> Vec<String> {
     captured
@@ -94,13 +106,7 @@ where
 
 #[tokio::test]
 async fn a_failed_fill_logs_the_upstream_status() {
-    let up = FakeUpstream::start().await;
-    let img = Image::random(&[4096]);
-    up.push_image(
-        registry_tests::fake_upstream::UPSTREAM_REPO,
-        Some("v1"),
-        &img,
-    );
+    let (up, img) = upstream_with(4096).await;
     let layer = &img.layers[0];
     up.on(Rule::exact(up_blob(layer), Action::status(503)).method("GET"));
 
@@ -120,13 +126,7 @@ async fn a_failed_fill_logs_the_upstream_status() {
 
 #[tokio::test]
 async fn a_joined_fill_logs_the_status_and_time_of_that_fill() {
-    let up = FakeUpstream::start().await;
-    let img = Image::random(&[256 * 1024]);
-    up.push_image(
-        registry_tests::fake_upstream::UPSTREAM_REPO,
-        Some("v1"),
-        &img,
-    );
+    let (up, img) = upstream_with(256 * 1024).await;
     let layer = &img.layers[0];
     up.on(Rule::exact(
         up_blob(layer),
@@ -152,13 +152,7 @@ async fn a_joined_fill_logs_the_status_and_time_of_that_fill() {
 
 #[tokio::test]
 async fn a_joiner_of_a_tag_miss_logs_the_notes_of_the_manifest_fetch() {
-    let up = FakeUpstream::start().await;
-    let img = Image::random(&[256]);
-    up.push_image(
-        registry_tests::fake_upstream::UPSTREAM_REPO,
-        Some("v1"),
-        &img,
-    );
+    let (up, img) = upstream_with(256).await;
     let delay = Duration::from_millis(400);
     let (by_tag, by_digest) = (up_manifest("v1"), up_manifest(&img.manifest.digest));
     // The tag check is quick, the manifest fetch slow: the second pull checks the tag
@@ -196,13 +190,7 @@ async fn a_joiner_of_a_tag_miss_logs_the_notes_of_the_manifest_fetch() {
 
 #[tokio::test]
 async fn joiners_of_a_tag_revalidation_log_the_notes_of_its_head() {
-    let up = FakeUpstream::start().await;
-    let img = Image::random(&[256]);
-    up.push_image(
-        registry_tests::fake_upstream::UPSTREAM_REPO,
-        Some("v1"),
-        &img,
-    );
+    let (up, img) = upstream_with(256).await;
     let delay = Duration::from_millis(400);
     let by_tag = up_manifest("v1");
     up.on(Rule::exact(by_tag.clone(), Action::DelayHeaders(delay)).method("HEAD"));
