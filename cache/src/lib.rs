@@ -13,7 +13,7 @@
 //! - `index`: in-memory index rebuilt from disk (sizes, last access, pins, manifest references).
 //! - `evict`: LRU eviction between watermarks, manifests before the blobs they reference.
 //! - `names`: digest, repository and tag validation before any path is built; SHA-256.
-//! - `stream`: bounded-memory file range streams.
+//! - `stream`: bounded-memory file range streams (one read ahead, recycled buffers).
 //! - `degraded`: failing open: the degraded flag and verified pass-through when the spool breaks.
 //! - `verify`: re-hashing committed blobs on read (streaming, Range pre-check) and the scrub.
 //! - `error`: [`CacheError`], [`FillError`], [`SourceError`].
