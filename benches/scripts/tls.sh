@@ -199,6 +199,7 @@ restart_cold() { # TARGET
     [[ $t == nginx ]] && sleep 1.5 # its cache loader indexes the (empty) cache after start
     return 0
 }
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 port_of() { case $1 in ours) echo "$OURS" ;; dist) echo "$DIST" ;; nginx) echo "$NGX" ;; esac }
 for ((i = 0; i < COLD_RUNS; i++)); do
     for proto in http2 http1.1; do
@@ -216,8 +217,8 @@ bad=$(awk -v n="$BIG_BYTES" '$6 != n || ($2 == "http2") != ($5 == "2")' "$LAB/tl
 for t in ours dist nginx; do
     for proto in http2 http1.1; do
         awk -v t="$t" -v p="$proto" '$1 == t && $2 == p' "$LAB/tls-cold.txt" >"$LAB/x"
-        rec "$t" "cold_big_${proto}_ttfb_ms" "$(awk '{print $3*1000}' "$LAB/x" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')" ms
-        rec "$t" "cold_big_${proto}_median_ms" "$(awk '{print $4*1000}' "$LAB/x" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')" ms
+        rec "$t" "cold_big_${proto}_ttfb_ms" "$(awk '{print $3*1000}' "$LAB/x" | median)" ms
+        rec "$t" "cold_big_${proto}_median_ms" "$(awk '{print $4*1000}' "$LAB/x" | median)" ms
         rec "$t" "cold_big_${proto}_min_ms" "$(awk '{print $4*1000}' "$LAB/x" | sort -g | head -1)" ms
         rec "$t" "cold_big_${proto}_max_ms" "$(awk '{print $4*1000}' "$LAB/x" | sort -g | tail -1)" ms
     done
