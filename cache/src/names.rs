@@ -1,11 +1,12 @@
 //! Input validation before any path is built: sha256 digests become a [`Hex`] (64 lowercase hex),
-//! repositories are hashed, tags are checked against the distribution-spec grammar. Also the
-//! streaming SHA-256 wrapper.
+//! repositories are hashed, tags are checked against the distribution-spec grammar
+//! (`registry-oci` owns the grammar and SHA-256; this module turns its verdicts into
+//! [`CacheError`]s and path components).
 
 use std::fmt;
 
-use aws_lc_rs::digest::{Context, SHA256};
 use oci_spec::image::{Digest, DigestAlgorithm};
+pub(crate) use registry_oci::{Sha256Hasher, sha256_hex};
 
 use crate::CacheError;
 
@@ -17,8 +18,7 @@ pub struct Hex(Box<str>);
 impl Hex {
     /// Accepts exactly 64 lowercase hex characters.
     pub fn parse(s: &str) -> Option<Self> {
-        let ok = s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        ok.then(|| Self(s.into()))
+        registry_oci::is_sha256_hex(s).then(|| Self(s.into()))
     }
 
     /// Validates a digest for storage: algorithm sha256 and a 64 lowercase hex value.
@@ -41,30 +41,6 @@ impl fmt::Display for Hex {
     }
 }
 
-/// Incremental SHA-256 (aws-lc, assembly on every CPU).
-pub(crate) struct Sha256Hasher(Context);
-
-impl Sha256Hasher {
-    pub(crate) fn new() -> Self {
-        Self(Context::new(&SHA256))
-    }
-
-    pub(crate) fn update(&mut self, data: &[u8]) {
-        self.0.update(data);
-    }
-
-    pub(crate) fn finish_hex(self) -> String {
-        hex::encode(self.0.finish().as_ref())
-    }
-}
-
-/// Hex SHA-256 of a byte slice.
-pub(crate) fn sha256_hex(data: &[u8]) -> String {
-    let mut h = Sha256Hasher::new();
-    h.update(data);
-    h.finish_hex()
-}
-
 /// Where a tag record lives: the repository is hashed (names contain `/` and are never used raw),
 /// the tag is validated against the distribution-spec grammar, which excludes `/`, `.` and `..`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -76,10 +52,10 @@ pub struct TagKey {
 impl TagKey {
     /// Validates `repo` (1..=255 bytes) and `tag` (`[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`).
     pub fn new(repo: &str, tag: &str) -> Result<Self, CacheError> {
-        if repo.is_empty() || repo.len() > 255 {
+        if repo.is_empty() || repo.len() > registry_oci::MAX_NAME_LEN {
             return Err(CacheError::InvalidRepo);
         }
-        if !valid_tag(tag) {
+        if !registry_oci::is_valid_tag(tag) {
             return Err(CacheError::InvalidTag);
         }
         let repo = Hex::parse(&sha256_hex(repo.as_bytes())).ok_or(CacheError::InvalidRepo)?;
@@ -98,19 +74,6 @@ impl TagKey {
     pub fn tag(&self) -> &str {
         &self.tag
     }
-}
-
-/// Distribution spec: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
-pub(crate) fn valid_tag(tag: &str) -> bool {
-    let b = tag.as_bytes();
-    let Some((&first, rest)) = b.split_first() else {
-        return false;
-    };
-    b.len() <= 128
-        && (first.is_ascii_alphanumeric() || first == b'_')
-        && rest
-            .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 #[cfg(test)]
@@ -145,7 +108,7 @@ mod tests {
     #[test]
     fn tags_follow_the_spec_grammar() {
         for good in ["latest", "v1.2.3", "_x", "A-b_c.d", &"a".repeat(128)] {
-            assert!(valid_tag(good), "{good}");
+            assert!(TagKey::new("r", good).is_ok(), "{good}");
         }
         for bad in [
             "",
@@ -158,7 +121,10 @@ mod tests {
             "a b",
             &"a".repeat(129),
         ] {
-            assert!(!valid_tag(bad), "{bad}");
+            assert!(
+                matches!(TagKey::new("r", bad), Err(CacheError::InvalidTag)),
+                "{bad}"
+            );
         }
     }
 

@@ -368,7 +368,7 @@ impl ImagesRepo {
                 _ => return Err(invalid("port out of range")),
             }
         }
-        if !crate::path::valid_name(path) {
+        if !registry_oci::is_valid_name(path) {
             return Err(invalid(
                 "the path is not a valid repository name (lower case, digits, separators)",
             ));
@@ -569,7 +569,7 @@ impl Config {
     pub fn from_parsed(args: Args) -> Result<Self, ConfigError> {
         let upstream = ImagesRepo::parse(&args.images_repo)?;
         let alias = args.path_alias.trim().trim_matches('/').to_owned();
-        if !crate::path::valid_name(&alias) {
+        if !registry_oci::is_valid_name(&alias) {
             return Err(ConfigError::Invalid {
                 flag: "--path-alias",
                 reason: format!("{:?} is not a valid repository name", args.path_alias),
@@ -637,8 +637,7 @@ impl Config {
         validate_limits(&args)?;
         let cluster = crate::tier_config::validate(&args)?;
         if let Some(r) = &args.probe_reference
-            && !crate::path::valid_tag(r)
-            && crate::path::parse_digest(r).is_err()
+            && registry_oci::Reference::parse(r).is_err()
         {
             return Err(ConfigError::Invalid {
                 flag: "--probe-reference",

@@ -268,27 +268,6 @@ pub mod fuzz {
             .and_then(|r| r.name().map(str::to_owned))
     }
 
-    /// Whether `name` is a repository name by the rules the configuration uses.
-    pub fn valid_name(name: &str) -> bool {
-        crate::path::valid_name(name)
-    }
-
-    /// Whether `s` is a tag.
-    pub fn valid_tag(s: &str) -> bool {
-        crate::path::valid_tag(s)
-    }
-
-    /// Whether `s` is a digest the proxy accepts.
-    pub fn valid_digest(s: &str) -> bool {
-        crate::path::parse_digest(s).is_ok()
-    }
-
-    /// How many blob and child-manifest digests a manifest body references.
-    pub fn manifest_references(bytes: &[u8]) -> (usize, usize) {
-        let (blobs, children) = crate::api::manifests::manifest_references(bytes);
-        (blobs.len(), children.len())
-    }
-
     /// Parses and validates a command line as the binary would (files it names are read).
     pub fn config(args: &[String]) -> bool {
         crate::Config::from_args(args).is_ok()

@@ -1,59 +1,15 @@
 //! The `/v2/` path grammar and the `system/deckhouse` alias.
 //!
 //! Repository names contain `/`, so the router hands us everything after `/v2/` and we
-//! split on the last endpoint keyword. Names, tags and digests are validated here, before
-//! anything touches the upstream or the disk: a digest that passed [`parse`] is safe to use
-//! as a file name.
-
-use std::sync::LazyLock;
+//! split on the last endpoint keyword. Names, tags and digests are validated here (with
+//! `registry-oci`'s grammar), before anything touches the upstream or the disk: a digest
+//! that passed [`parse`] is safe to use as a file name.
 
 use oci_spec::image::Digest;
+pub(crate) use registry_oci::Reference;
+use registry_oci::{OciError, is_valid_name};
 
 use crate::error::ApiError;
-
-/// Maximum repository name length (distribution's limit).
-const MAX_NAME_LEN: usize = 255;
-
-static NAME: LazyLock<regex::Regex> = LazyLock::new(|| {
-    #[allow(clippy::expect_used)]
-    regex::Regex::new(
-        r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$",
-    )
-    .expect("static regex")
-});
-
-static TAG: LazyLock<regex::Regex> = LazyLock::new(|| {
-    #[allow(clippy::expect_used)]
-    regex::Regex::new(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$").expect("static regex")
-});
-
-/// Whether `name` is a repository name per the distribution spec.
-pub(crate) fn valid_name(name: &str) -> bool {
-    name.len() <= MAX_NAME_LEN && NAME.is_match(name)
-}
-
-/// Whether `tag` is a tag per the distribution spec.
-pub(crate) fn valid_tag(tag: &str) -> bool {
-    TAG.is_match(tag)
-}
-
-/// A manifest reference: a tag or a digest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Reference {
-    /// By tag: resolved upstream on every pull unless the cache says otherwise.
-    Tag(String),
-    /// By digest: immutable.
-    Digest(Digest),
-}
-
-impl std::fmt::Display for Reference {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Tag(t) => f.write_str(t),
-            Self::Digest(d) => write!(f, "{d}"),
-        }
-    }
-}
 
 /// One endpoint of the read API, with the client-side repository name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,25 +68,10 @@ impl Route {
     }
 }
 
-/// Parses a digest strictly: a known algorithm and an encoded part of the right length in
-/// lower-case hex. Anything else is `DIGEST_INVALID`.
+/// Parses a digest strictly (`registry_oci::parse_digest`); anything else is
+/// `DIGEST_INVALID`.
 pub(crate) fn parse_digest(s: &str) -> Result<Digest, ApiError> {
-    let digest: Digest = s.parse().map_err(|_| ApiError::digest_invalid(s))?;
-    let hex_len = match digest.algorithm().as_ref() {
-        "sha256" => 64,
-        "sha384" => 96,
-        "sha512" => 128,
-        _ => return Err(ApiError::digest_invalid(s)),
-    };
-    let encoded = digest.digest();
-    if encoded.len() != hex_len
-        || !encoded
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
-        return Err(ApiError::digest_invalid(s));
-    }
-    Ok(digest)
+    registry_oci::parse_digest(s).map_err(|_| ApiError::digest_invalid(s))
 }
 
 /// Parses what follows `/v2/` (no query string).
@@ -149,20 +90,19 @@ pub(crate) fn parse(rest: &str) -> Result<Route, ApiError> {
     } else {
         return Err(ApiError::not_found_route());
     };
-    if !valid_name(name) {
+    if !is_valid_name(name) {
         return Err(ApiError::name_invalid(name));
     }
     let name = name.to_owned();
     Ok(match route {
         None => Route::Tags { name },
         Some(("manifests", reference)) => {
-            let reference = if reference.contains(':') {
-                Reference::Digest(parse_digest(reference)?)
-            } else if valid_tag(reference) {
-                Reference::Tag(reference.to_owned())
-            } else {
-                return Err(ApiError::manifest_invalid_reference(reference));
-            };
+            let reference = Reference::parse(reference).map_err(|e| match e {
+                OciError::InvalidDigest => ApiError::digest_invalid(reference),
+                OciError::InvalidName | OciError::InvalidTag => {
+                    ApiError::manifest_invalid_reference(reference)
+                }
+            })?;
             Route::Manifest { name, reference }
         }
         Some(("blobs", digest)) => Route::Blob {

@@ -3,21 +3,13 @@
 //! Manifests are rendered by hand with unusual whitespace and key order. A proxy that parses
 //! and re-serialises a manifest changes these bytes (and so the digest), which the tests catch.
 
-use aws_lc_rs::digest;
 use bytes::Bytes;
 
-/// OCI image manifest media type.
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-/// OCI image index media type.
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-/// Docker schema 2 manifest media type.
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-/// Docker manifest list media type.
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-/// OCI image config media type.
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-/// OCI gzip layer media type.
-pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// The media types the content is built with (`registry-oci`'s, the ones the proxy knows).
+pub use registry_oci::media::{
+    DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP as OCI_LAYER,
+    OCI_MANIFEST,
+};
 
 /// `len` bytes from the system RNG.
 pub fn random_bytes(len: usize) -> Bytes {
@@ -28,10 +20,7 @@ pub fn random_bytes(len: usize) -> Bytes {
 
 /// `sha256:<64 lowercase hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        hex::encode(digest::digest(&digest::SHA256, data))
-    )
+    registry_oci::sha256_digest(data).to_string()
 }
 
 /// A blob and its digest.

@@ -41,7 +41,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use aws_lc_rs::{constant_time, digest};
+use aws_lc_rs::constant_time;
+use registry_oci::{Sha256Hasher, sha256};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -49,7 +50,7 @@ pub use challenge::{basic_challenge, bearer_challenge};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use header::{MAX_AUTHORIZATION_LEN, Presented, parse_authorization};
 pub use htpasswd::Htpasswd;
-pub use scope::{Access, TokenRequest, granted_access};
+pub use scope::{Access, MAX_TOKEN_REQUEST_LEN, TokenRequest, granted_access};
 pub use token::{SigningKey, TokenAlgorithm};
 
 use crate::{Credentials, Error};
@@ -336,13 +337,6 @@ impl State {
 
 fn upstream_fingerprint(key: &SigningKey, c: &Credentials) -> String {
     key.fingerprint(&c.username, SOURCE_UPSTREAM, c.password.as_bytes())
-}
-
-fn sha256(b: &[u8]) -> [u8; 32] {
-    let d = digest::digest(&digest::SHA256, b);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 impl ClientAuth {
@@ -684,13 +678,12 @@ impl ClientAuth {
     }
 
     async fn bcrypt_verify(&self, user: &str, hash: &str, password: &str) -> Result<bool, Error> {
-        let mut ctx = digest::Context::new(&digest::SHA256);
+        let mut ctx = Sha256Hasher::new();
         for part in [user.as_bytes(), hash.as_bytes(), password.as_bytes()] {
             ctx.update(&(part.len() as u64).to_be_bytes());
             ctx.update(part);
         }
-        let mut key = [0u8; 32];
-        key.copy_from_slice(ctx.finish().as_ref());
+        let key = ctx.finish();
         if self.inner.basic_cache.contains_key(&key) {
             self.inner.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(true);

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use aws_lc_rs::encoding::AsDer as _;
 use aws_lc_rs::rand::SecureRandom as _;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair as _, ParsedPublicKey, RsaKeyPair};
-use aws_lc_rs::{digest, hmac, rand};
+use aws_lc_rs::{hmac, rand};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use registry_oci::{Sha256Hasher, sha256};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject as _;
 use serde::{Deserialize, Serialize};
@@ -136,16 +137,15 @@ impl SigningKey {
                 (TokenAlgorithm::Rs256, public, der, verifier)
             }
         };
-        let kid_hash = digest::digest(&digest::SHA256, &public);
-        let kid = URL_SAFE_NO_PAD.encode(&kid_hash.as_ref()[..18]);
-        let mut ctx = digest::Context::new(&digest::SHA256);
-        ctx.update(b"registry-proxy credential fingerprint v1\0");
-        ctx.update(&private_der);
-        let fingerprint_key = hmac::Key::new(hmac::HMAC_SHA256, ctx.finish().as_ref());
-        let mut ctx = digest::Context::new(&digest::SHA256);
-        ctx.update(b"registry-proxy peer token v1\0");
-        ctx.update(&private_der);
-        let peer_key = hmac::Key::new(hmac::HMAC_SHA256, ctx.finish().as_ref());
+        let kid = URL_SAFE_NO_PAD.encode(&sha256(&public)[..18]);
+        let derive = |label: &[u8]| {
+            let mut ctx = Sha256Hasher::new();
+            ctx.update(label);
+            ctx.update(&private_der);
+            hmac::Key::new(hmac::HMAC_SHA256, &ctx.finish())
+        };
+        let fingerprint_key = derive(b"registry-proxy credential fingerprint v1\0");
+        let peer_key = derive(b"registry-proxy peer token v1\0");
         Ok(Self(Arc::new(Inner {
             alg,
             signer,

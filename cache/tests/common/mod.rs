@@ -146,10 +146,7 @@ pub fn data(n: usize) -> Bytes {
 }
 
 pub fn digest_of(b: &[u8]) -> Digest {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b);
-    format!("sha256:{}", hex::encode(d.as_ref()))
-        .parse()
-        .unwrap()
+    registry_oci::sha256_digest(b)
 }
 
 pub struct Harness {

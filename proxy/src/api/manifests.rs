@@ -17,6 +17,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use registry_cache::{CachedManifest, Digest};
+use registry_oci::media::{MANIFEST_TYPES, OCI_MANIFEST};
 
 use crate::api::blobs::content_headers;
 use crate::api::cache::{CacheLayer, Manifest};
@@ -30,14 +31,6 @@ use crate::upstream::Upstream;
 use crate::upstream::blob_source::UpstreamBlob;
 use crate::upstream::response::read_manifest;
 use crate::upstream::revalidate::revalidate;
-
-/// The manifest media types a pull may resolve to.
-const MANIFEST_TYPES: [&str; 4] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
 
 /// The manifest endpoint.
 pub(crate) async fn get(
@@ -143,33 +136,6 @@ async fn relayed(
     Ok(out)
 }
 
-/// Digests a manifest references (config, layers, index children, subject), for
-/// eviction coherence and prefetch. Unparseable manifests reference nothing.
-pub(crate) fn manifest_references(bytes: &[u8]) -> (Vec<Digest>, Vec<Digest>) {
-    let mut blobs = Vec::new();
-    let mut children = Vec::new();
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return (blobs, children);
-    };
-    let digest_of = |d: &serde_json::Value| {
-        d.get("digest")
-            .and_then(|s| s.as_str())
-            .and_then(|s| crate::path::parse_digest(s).ok())
-    };
-    let listed = |key: &str| -> Vec<Digest> {
-        v.get(key)
-            .and_then(|l| l.as_array())
-            .into_iter()
-            .flatten()
-            .filter_map(digest_of)
-            .collect()
-    };
-    blobs.extend(v.get("config").and_then(digest_of));
-    blobs.extend(listed("layers"));
-    children.extend(listed("manifests"));
-    (blobs, children)
-}
-
 /// A manifest the cache holds, counted with the cache result it answers.
 fn from_cache(
     ctx: &RequestContext,
@@ -222,8 +188,7 @@ async fn fetch_manifest(
     if let Some(c) = &layer.cluster
         && let Some((bytes, media_type)) = c.manifest(digest).await
     {
-        let (blobs, children) = manifest_references(&bytes);
-        let refs = blobs.into_iter().chain(children).collect();
+        let refs = registry_oci::references(&bytes).contents();
         if let Err(e) = layer
             .cache
             .put_manifest(digest, &media_type, bytes.clone(), refs)
@@ -249,12 +214,11 @@ async fn fetch_manifest(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+        .unwrap_or(OCI_MANIFEST)
         .to_owned();
     let (bytes, digest) = read_manifest(resp, Some(digest), metrics).await?;
-    let (blobs, children) = manifest_references(&bytes);
-    let mut refs = blobs.clone();
-    refs.extend(children);
+    let references = registry_oci::references(&bytes);
+    let refs = references.contents();
     match layer
         .cache
         .put_manifest(&digest, &media_type, bytes.clone(), refs)
@@ -268,7 +232,7 @@ async fn fetch_manifest(
         Err(e) => tracing::warn!(error = %e, %digest, "could not cache manifest"),
     }
     if layer.prefetch {
-        prefetch(layer, upstream, metrics, remote, blobs);
+        prefetch(layer, upstream, metrics, remote, references.blobs);
     }
     Ok((bytes, media_type, digest))
 }
@@ -460,7 +424,7 @@ mod tests {
         assert!(accepts_every_manifest_type(&h));
         h.insert(
             header::ACCEPT,
-            HeaderValue::from_static(crate::upstream::client::MANIFEST_ACCEPT),
+            HeaderValue::from_static(registry_oci::media::MANIFEST_ACCEPT),
         );
         assert!(accepts_every_manifest_type(&h));
         let mut h = HeaderMap::new();
@@ -474,7 +438,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             header::ACCEPT,
-            HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"),
+            HeaderValue::from_static(registry_oci::media::DOCKER_MANIFEST),
         );
         assert!(!accepts_every_manifest_type(&h));
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
@@ -484,10 +448,18 @@ mod tests {
     #[test]
     fn references() {
         let m = br#"{"config":{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000"},"layers":[{"digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111"},{"digest":"bad"}]}"#;
-        let (b, c) = manifest_references(m);
+        let registry_oci::References {
+            blobs: b,
+            children: c,
+            ..
+        } = registry_oci::references(m);
         assert_eq!(b.len(), 2);
         assert!(c.is_empty());
-        let (b, c) = manifest_references(b"not json");
+        let registry_oci::References {
+            blobs: b,
+            children: c,
+            ..
+        } = registry_oci::references(b"not json");
         assert!(b.is_empty() && c.is_empty());
     }
 }

@@ -43,7 +43,7 @@ async fn serve_inner(state: &AppState, req: Request) -> Result<Response, ApiErro
         .and_then(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok())
         .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "repo").map(|(_, v)| v))
         .ok_or_else(|| ApiError::bad_request("repo query parameter required"))?;
-    if !crate::path::valid_name(&repo) || state.alias.to_local(&repo).is_none() {
+    if !registry_oci::is_valid_name(&repo) || state.alias.to_local(&repo).is_none() {
         return Err(ApiError::bad_request("repo is not under the upstream path"));
     }
     let token = parts

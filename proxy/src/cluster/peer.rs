@@ -38,13 +38,13 @@ pub fn rendezvous<'a>(peers: &'a [String], key: &str) -> Option<&'a str> {
     peers
         .iter()
         .map(|p| {
-            let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+            let mut ctx = registry_oci::Sha256Hasher::new();
             ctx.update(p.as_bytes());
             ctx.update(&[0]);
             ctx.update(key.as_bytes());
             let d = ctx.finish();
             let mut score = [0u8; 8];
-            score.copy_from_slice(&d.as_ref()[..8]);
+            score.copy_from_slice(&d[..8]);
             (u64::from_be_bytes(score), p.as_str())
         })
         .max()

@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use http::{HeaderMap, HeaderValue, Method, header};
 use registry_auth::client::{
-    ClientAuth, Htpasswd, SigningKey, TokenRequest, basic_challenge, bearer_challenge,
+    ClientAuth, Htpasswd, MAX_TOKEN_REQUEST_LEN, SigningKey, TokenRequest, basic_challenge,
+    bearer_challenge,
 };
 use registry_auth::{Credentials, Error as AuthError};
 
@@ -23,9 +24,6 @@ use crate::config::ClientAuthConfig;
 use crate::error::{ApiError, Error};
 use crate::ops::access_log::RouteLabel;
 use crate::ops::metrics::Metrics;
-
-/// Largest token request body (an OAuth2 form is a few hundred bytes).
-const MAX_FORM_BYTES: usize = 16 * 1024;
 
 /// The edge state: the authenticator plus how to build challenges.
 #[derive(Clone)]
@@ -179,7 +177,7 @@ async fn token_inner(edge: &Edge, req: Request) -> Result<Response, ApiError> {
         Method::POST => {
             // Read the whole form before answering: replying early desyncs keep-alive
             // connections (containerd reuses them).
-            let bytes = to_bytes(body, MAX_FORM_BYTES)
+            let bytes = to_bytes(body, MAX_TOKEN_REQUEST_LEN)
                 .await
                 .map_err(|_| ApiError::bad_request("token request body too large"))?;
             TokenRequest::from_form(&bytes).map_err(|_| {

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aws_lc_rs::digest;
+use registry_oci::sha256;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -188,13 +188,6 @@ async fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
         ));
     }
     Ok(buf)
-}
-
-fn sha256(b: &[u8]) -> [u8; 32] {
-    let d = digest::digest(&digest::SHA256, b);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 #[cfg(test)]

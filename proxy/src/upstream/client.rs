@@ -23,9 +23,6 @@ use crate::ops::metrics::Metrics;
 use crate::ops::notes::RequestContext;
 use crate::upstream::response::{NotFound, map_status, transport_error};
 
-/// Every OCI and Docker manifest type, for requests the proxy makes on its own.
-pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.v1+prettyjws;q=0.5";
-
 /// Bound on establishing a connection to the upstream.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on one read from an upstream connection: a stalled body fails instead of
@@ -162,7 +159,10 @@ impl Upstream {
         let path = format!("{repo}/manifests/{reference}");
         let mut fwd = headers.clone();
         if !fwd.contains_key(header::ACCEPT) {
-            fwd.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+            fwd.insert(
+                header::ACCEPT,
+                HeaderValue::from_static(registry_oci::media::MANIFEST_ACCEPT),
+            );
         }
         self.send(method.clone(), &path, &fwd, Some(&scope(repo)), ctx)
             .await

@@ -131,12 +131,6 @@ pub(crate) async fn read_bounded(resp: reqwest::Response, limit: usize) -> Resul
     Ok(Bytes::from(buf))
 }
 
-/// SHA-256 digest string of `bytes`.
-fn sha256_digest(bytes: &[u8]) -> String {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    format!("sha256:{}", hex::encode(d.as_ref()))
-}
-
 /// Reads a manifest body (bounded), counts it as upstream bytes and computes its digest;
 /// when `expected` is a sha256 digest the bytes must match it. The bytes are never
 /// re-serialised: the digest is over exactly what the upstream sent.
@@ -147,7 +141,7 @@ pub(crate) async fn read_manifest(
 ) -> Result<(Bytes, Digest), ApiError> {
     let body = read_bounded(resp, MAX_MANIFEST_BYTES).await?;
     metrics.upstream_bytes.inc_by(body.len() as u64);
-    let digest = crate::path::parse_digest(&sha256_digest(&body))?;
+    let digest = registry_oci::sha256_digest(&body);
     if let Some(want) = expected
         && want.algorithm().as_ref() == "sha256"
         && *want != digest
@@ -201,14 +195,6 @@ mod tests {
             transport_error(&e).kind(),
             crate::error::Kind::Unreachable,
             "{e:?}"
-        );
-    }
-
-    #[test]
-    fn digest_of_empty() {
-        assert_eq!(
-            sha256_digest(b""),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }
 }

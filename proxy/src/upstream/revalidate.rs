@@ -41,7 +41,7 @@ pub(crate) async fn revalidate(
                 .headers()
                 .get("docker-content-digest")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|s| crate::path::parse_digest(s).ok());
+                .and_then(|s| registry_oci::parse_digest(s).ok());
             let media_type = resp
                 .headers()
                 .get(header::CONTENT_TYPE)

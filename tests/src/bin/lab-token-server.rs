@@ -80,8 +80,8 @@ struct Issuer {
 /// SHA-256 over the PKIX SubjectPublicKeyInfo DER, in groups of 4 joined by `:`.
 fn libtrust_kid(spki_der: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, spki_der);
-    let bytes = &digest.as_ref()[..30];
+    let digest = registry_oci::sha256(spki_der);
+    let bytes = &digest[..30];
     // 30 bytes = 240 bits = exactly 48 base32 characters, so no padding arises.
     let mut out = String::with_capacity(48);
     for chunk in bytes.chunks(5) {
