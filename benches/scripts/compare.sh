@@ -7,7 +7,8 @@
 #
 # Env: BIG_MIB (200), SMALL_MIB (1), HUGE_MIB (1024; 0 skips the 1 GiB rows), WRK_SECONDS (10),
 #      COLD_RUNS (3), RSS_CLIENTS (16), PASS_RUNS (5), PERF=1 (perf-record ours' first cold
-#      HUGE fill into $LAB/perf-cold.txt, copied to PERF_OUT), RESULTS (docs/bench-cache.csv),
+#      HUGE fill and its 3 warm HUGE GETs into $LAB/perf-cold.txt, copied to PERF_OUT),
+#      RESULTS (docs/bench-cache.csv),
 #      SVG (docs/bench-cache.svg), PROXY_BIN, LAB_KEEP=1 keeps $LAB.
 #
 # The upstream is anonymous: distribution 2.8 sends no credentials to a Basic upstream and nginx cannot
@@ -224,9 +225,32 @@ if [[ -n $HUGE ]]; then
         rec "$t" huge_cold_total_max_s "$(awk '{print $2}' "$LAB/huge-$t.txt" | sort -g | tail -1)" s
         [[ $t == ours ]] && sleep 1 # let the fill commit
         check_body "$t" "$(blob_url "$t" huge "$HUGE")"
+        if [[ $t == ours && $PERF == 1 ]] && command -v perf >/dev/null; then
+            perf record -q -F 999 -e cpu-clock -g -p "${PID_OF[ours]}" -o "$LAB/perf.data" \
+                2>"$LAB/perf.err" &
+            perf_pid=$!
+            sleep 0.5
+        fi
         for ((i = 0; i < 3; i++)); do
             curl -s -o /dev/null --max-time 300 -w '%{time_total}\n' "$(blob_url "$t" huge "$HUGE")"
         done >"$LAB/huge-warm-$t.txt"
+        if [[ -n ${perf_pid:-} ]]; then
+            kill -INT "$perf_pid" 2>/dev/null
+            wait "$perf_pid" 2>/dev/null
+            perf_pid=
+            {
+                echo "# perf: ours, 3 warm ${HUGE_MIB} MiB GETs, cpu-clock 999 Hz"
+                echo "## self time by symbol"
+                perf report -i "$LAB/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null |
+                    grep -v '^#' | grep -v '^$' | head -25
+                echo "## inclusive time of the hit path's stages"
+                perf report -i "$LAB/perf.data" --children --sort sym --stdio -g none 2>/dev/null |
+                    grep -E 'read_at|__libc_pread|filemap_read|memset|clear_page|tcp_sendmsg|writev|hyper::proto|blocking::pool|futex|schedule$' |
+                    head -30
+            } >>"$LAB/perf-cold.txt"
+            [[ -n $PERF_OUT ]] && cp "$LAB/perf-cold.txt" "$PERF_OUT"
+            rm -f "$LAB/perf.data"
+        fi
         rec "$t" huge_warm_mean_ms "$(awk '{s+=$1} END {printf "%.0f", s/NR*1000}' "$LAB/huge-warm-$t.txt")" ms
     done
     # 16 clients on a cold HUGE blob: peak RSS of a fresh process (ours only: the target is ours).
@@ -337,3 +361,4 @@ lab_log "results in $RESULTS"
 "$PY" "$HERE/chart.py" "$RESULTS" "$SVG" || lab_die "chart.py failed"
 lab_log "chart in $SVG"
 column -t -s, "$CSV" >&2
+"$PY" "$HERE/targets.py" "$RESULTS" >&2 || lab_die "targets.py failed"

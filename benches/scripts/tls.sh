@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Warm blobs over TLS, side by side in one run on loopback, same certificate for all three:
+# Warm and cold blobs over TLS, side by side in one run on loopback, same certificate for all three:
 # registry-proxy (rustls, aws-lc-rs), CNCF distribution 2.8 in proxy mode (Go TLS), nginx
 # proxy_cache with `ssl` (OpenSSL). HTTP/2 and HTTP/1.1 (curl --http2 / --http1.1).
 #
 #   LAB_NO_BUILD=1 bash benches/scripts/tls.sh
 #
 # Env: BIG_MIB (200), SMALL_MIB (1), RUNS (5 interleaved GETs per target, protocol and blob),
-#      RESULTS (docs/bench-tls.csv), PROXY_BIN, LAB_KEEP=1 keeps $LAB.
+#      COLD_RUNS (3 cold 200 MiB GETs per target and protocol, each on a freshly wiped cache),
+#      RESULTS (docs/bench-tls.csv), PROXY_BIN, PROXY_ARGS (extra flags for registry-proxy, split
+#      on spaces, e.g. "--stream-buffer 262144"), LAB_KEEP=1 keeps $LAB.
 # Bounded: fixed run counts and curl --max-time; every process is started by lab_bg and stopped
 # by PID (lab_cleanup).
 set -uo pipefail
@@ -19,6 +21,7 @@ source "$ROOT/scripts/lab.sh"
 BIG_MIB=${BIG_MIB:-200}
 SMALL_MIB=${SMALL_MIB:-1}
 RUNS=${RUNS:-5}
+COLD_RUNS=${COLD_RUNS:-3}
 RESULTS=${RESULTS:-$ROOT/docs/bench-tls.csv}
 
 lab_init
@@ -37,6 +40,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 read -r _ BIG < <(lab_mkimage "$LAB/layout" big "$BIG_MIB")
 read -r _ SMALL < <(lab_mkimage "$LAB/layout" small "$SMALL_MIB")
 [[ $BIG == sha256:* && $SMALL == sha256:* ]] || lab_die "building the images failed"
+BIG_BYTES=$(stat -c%s "$(lab_blob "$LAB/layout" "$BIG")")
 
 lab_anon_upstream warn true
 for t in big small; do
@@ -49,7 +53,8 @@ OURS=$(lab_free_port)
 OURS_M=$(lab_free_port)
 DIST=$(lab_free_port)
 NGX=$(lab_free_port)
-lab_bench_proxy ours "$OURS" "$OURS_M" --cache-dir "$LAB/ours" --tls-cert "$LAB/cert.pem" --tls-key "$LAB/key.pem"
+OURS_ARGS=(--cache-dir "$LAB/ours" --tls-cert "$LAB/cert.pem" --tls-key "$LAB/key.pem" ${PROXY_ARGS:-})
+lab_bench_proxy ours "$OURS" "$OURS_M" "${OURS_ARGS[@]}"
 lab_dist_config "$DIST" "tls: {certificate: $LAB/cert.pem, key: $LAB/key.pem}"
 lab_bg dist docker-registry serve "$LAB/dist/config.yml"
 chmod 644 "$LAB/key.pem"
@@ -119,9 +124,61 @@ for t in ours dist nginx; do
     done
 done
 awk '{print $5}' "$LAB/tls.txt" | sort | uniq -c >&2 # negotiated versions: 2 and 1.1
+
+# ---- cold 200 MiB over TLS: COLD_RUNS rounds of (protocol × target), each GET on a fresh cache ------
+# Each target is stopped by PID, its cache wiped and restarted before every cold GET, so the GET is a
+# miss that streams while the proxy fetches from the (plain HTTP) upstream.
+restart_cold() { # TARGET
+    local t=$1 pid=${LAB_PID_OF[$1]} n=0
+    kill "$pid" 2>/dev/null
+    while kill -0 "$pid" 2>/dev/null && ((n++ < 100)); do sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    case $t in
+        ours) rm -rf "$LAB/ours" && lab_bench_proxy ours "$OURS" "$OURS_M" "${OURS_ARGS[@]}" ;;
+        dist) rm -rf "$LAB/dist/data" && lab_bg dist docker-registry serve "$LAB/dist/config.yml" ;;
+        nginx)
+            rm -rf "$LAB/ngx/cache" && mkdir -p "$LAB/ngx/cache" && chown www-data: "$LAB/ngx/cache"
+            lab_bg nginx nginx -c "$LAB/ngx/nginx.conf" -e "$LAB/ngx/logs/error.log"
+            ;;
+    esac
+    # Any HTTP answer over TLS means it listens (lab_wait_http does not know our CA).
+    for ((n = 0; n < 300; n++)); do
+        "${C[@]}" --max-time 2 -o /dev/null "https://127.0.0.1:$(port_of "$t")/v2/" && break
+        sleep 0.1
+    done
+    [[ $t == nginx ]] && sleep 1.5 # its cache loader indexes the (empty) cache after start
+    return 0
+}
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+port_of() { case $1 in ours) echo "$OURS" ;; dist) echo "$DIST" ;; nginx) echo "$NGX" ;; esac }
+for ((i = 0; i < COLD_RUNS; i++)); do
+    for proto in http2 http1.1; do
+        for t in ours dist nginx; do
+            restart_cold "$t"
+            printf '%s %s ' "$t" "$proto"
+            "${C[@]}" "--$proto" -o /dev/null -w '%{time_starttransfer} %{time_total} %{http_version} %{size_download}\n' \
+                "$(url "$t" big "$BIG")"
+        done
+    done
+done >"$LAB/tls-cold.txt"
+# Every body whole, every GET on the protocol it asked for.
+bad=$(awk -v n="$BIG_BYTES" '$6 != n || ($2 == "http2") != ($5 == "2")' "$LAB/tls-cold.txt")
+[[ -z $bad ]] || lab_die "cold TLS GETs short or on the wrong protocol: $bad"
+for t in ours dist nginx; do
+    for proto in http2 http1.1; do
+        awk -v t="$t" -v p="$proto" '$1 == t && $2 == p' "$LAB/tls-cold.txt" >"$LAB/x"
+        rec "$t" "cold_big_${proto}_ttfb_ms" "$(awk '{print $3*1000}' "$LAB/x" | median)" ms
+        rec "$t" "cold_big_${proto}_median_ms" "$(awk '{print $4*1000}' "$LAB/x" | median)" ms
+        rec "$t" "cold_big_${proto}_min_ms" "$(awk '{print $4*1000}' "$LAB/x" | sort -g | head -1)" ms
+        rec "$t" "cold_big_${proto}_max_ms" "$(awk '{print $4*1000}' "$LAB/x" | sort -g | tail -1)" ms
+    done
+done
+awk '{print $2, $5}' "$LAB/tls-cold.txt" | sort | uniq -c >&2 # asked vs negotiated protocol
 {
     echo "# machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
     echo "# date: $(date -u +%FT%TZ); big $BIG_MIB MiB, small $SMALL_MIB MiB, runs $RUNS; load $(cut -d' ' -f1-3 /proc/loadavg)"
     cat "$CSV"
 } >"$RESULTS"
 column -t -s, "$CSV" >&2
+PY=$(pyenv which python3 2>/dev/null || command -v python3)
+"$PY" "$HERE/targets.py" "$RESULTS" >&2 || lab_die "targets.py failed"

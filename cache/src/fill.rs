@@ -151,11 +151,13 @@ pub(crate) struct FillShared {
     reads: Arc<FillReads>,
 }
 
-/// Bytes fill readers took from memory and from the spool.
+/// Bytes fill readers took from memory and from the spool, and what the memory windows of
+/// all fills hold now.
 #[derive(Debug, Default)]
 pub(crate) struct FillReads {
     pub(crate) memory: AtomicU64,
     pub(crate) spool: AtomicU64,
+    pub(crate) window: AtomicU64,
 }
 
 impl FillShared {
@@ -172,6 +174,21 @@ impl FillShared {
 
     fn mem(&self) -> std::sync::MutexGuard<'_, MemWindow> {
         self.mem.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the window and keeps the cache-wide gauge of window bytes in step.
+    fn change_mem(&self, f: impl FnOnce(&mut MemWindow)) {
+        let mut m = self.mem();
+        let before = m.len;
+        f(&mut m);
+        let after = m.len;
+        drop(m);
+        let gauge = &self.reads.window;
+        if after >= before {
+            gauge.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            gauge.fetch_sub(before - after, Ordering::Relaxed);
+        }
     }
 
     fn finish(&self, r: Result<(), FillError>) {
@@ -409,6 +426,14 @@ pub(crate) struct InFlightGuard {
     pub(crate) shared: Arc<FillShared>,
 }
 
+impl Drop for FillShared {
+    fn drop(&mut self) {
+        // A fill that ended without clearing its window (a panic) still gives it back.
+        let left = self.mem().len;
+        self.reads.window.fetch_sub(left, Ordering::Relaxed);
+    }
+}
+
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.shared.finish(Err(FillError::Aborted));
@@ -451,7 +476,7 @@ pub(crate) async fn run(guard: InFlightGuard, source: Arc<dyn BlobSource>) {
         // Readers of a failed fill end with its error or continue degraded from the upstream:
         // none reads the window again.
         let written = shared.tx.borrow().written;
-        shared.mem().clear(written);
+        shared.change_mem(|m| m.clear(written));
     }
     shared.finish(res);
     drop(guard);
@@ -691,7 +716,7 @@ async fn fill_body(
                     .await
                     .map_err(|_| FillError::Aborted)?;
                 let written = shared.tx.borrow().written;
-                shared.mem().push(&data, written);
+                shared.change_mem(|m| m.push(&data, written));
                 received += n;
                 shared.tx.send_modify(|p| p.received = received);
                 let batch = Arc::new(Batch {
@@ -761,7 +786,7 @@ async fn fill_body(
         p.verified = true;
     });
     // Every byte is in the spool: readers still in the window continue from there.
-    shared.mem().clear(received);
+    shared.change_mem(|m| m.clear(received));
     if inner.cfg.persist {
         let key = ObjectKey {
             kind: Kind::Blob,

@@ -13,7 +13,7 @@
 //! - `index`: in-memory index rebuilt from disk (sizes, last access, pins, manifest references).
 //! - `evict`: LRU eviction between watermarks, manifests before the blobs they reference.
 //! - `names`: digest, repository and tag validation before any path is built; SHA-256.
-//! - `stream`: bounded-memory file range streams.
+//! - `stream`: bounded-memory file range streams (one read ahead, recycled buffers).
 //! - `degraded`: failing open: the degraded flag and verified pass-through when the spool breaks.
 //! - `verify`: re-hashing committed blobs on read (streaming, Range pre-check) and the scrub.
 //! - `error`: [`CacheError`], [`FillError`], [`SourceError`].
@@ -156,6 +156,8 @@ pub struct CacheStats {
     pub fill_memory_bytes_total: u64,
     /// Bytes readers of in-flight fills read back from the spool (joined late or fell behind).
     pub fill_spool_bytes_total: u64,
+    /// Bytes the memory windows of all running fills hold now.
+    pub fill_memory_window_bytes: u64,
     /// Committed objects found truncated or corrupt and removed.
     pub corrupt_total: u64,
     /// Writes to the cache that failed (spool, commit, manifest, tag record).
@@ -728,6 +730,7 @@ impl Cache {
             resumes_total: i.stats.resumes.load(Ordering::Relaxed),
             fill_memory_bytes_total: i.fill_reads.memory.load(Ordering::Relaxed),
             fill_spool_bytes_total: i.fill_reads.spool.load(Ordering::Relaxed),
+            fill_memory_window_bytes: i.fill_reads.window.load(Ordering::Relaxed),
             corrupt_total: i.stats.corrupt.load(Ordering::Relaxed),
             write_errors_total: i.stats.write_errors.load(Ordering::Relaxed),
             degraded_since: i.health().since_unix,

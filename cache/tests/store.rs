@@ -416,3 +416,58 @@ proptest! {
         }
     }
 }
+
+/// The hit path reads one chunk ahead of the consumer: a flipped byte in any chunk of a blob not
+/// yet verified in this process is still caught on its first whole read, the stream ends with an
+/// error before its last chunk, and the blob is evicted; a Range of it never carries the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_byte_under_read_ahead_is_never_served_as_complete() {
+    let chunk = registry_cache::CHUNK as usize;
+    let len = 4 * chunk + 1234;
+    // Flip in the first chunk (read ahead of everything), a middle one and the last one.
+    for flip in [10, 2 * chunk + 7, len - 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let body = data(len);
+        let d;
+        {
+            let h = open(cfg(dir.path())).await;
+            d = put_blob(&h.cache, &body).await;
+            h.stop().await;
+        }
+        let p = blob_path(dir.path(), &d);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[flip] ^= 0x01;
+        std::fs::write(&p, bytes).unwrap();
+
+        // A restart forgets that the fill verified it: the first read hashes.
+        let h = open(cfg(dir.path())).await;
+        let hit = h.cache.blob(&d).await.unwrap().expect("committed blob");
+        assert!(!hit.is_trusted());
+        let mut s = hit.reader(0, u64::MAX);
+        let (mut got, mut err) = (0usize, None);
+        while let Some(item) = s.next().await {
+            match item {
+                Ok(c) => {
+                    assert!(c.len() <= chunk, "chunk over bound");
+                    got += c.len();
+                }
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        assert!(
+            matches!(err, Some(CacheError::Corrupt(_))),
+            "flip at {flip}: {err:?}"
+        );
+        assert!(got < len, "flip at {flip}: all {len} bytes were handed out");
+        assert!(s.next().await.is_none(), "the stream ends after its error");
+        drop(s);
+        drop(hit);
+        assert!(h.cache.blob(&d).await.unwrap().is_none(), "evicted");
+        assert!(!p.exists());
+        assert_eq!(h.cache.stats().corrupt_total, 1);
+        h.stop().await;
+    }
+}

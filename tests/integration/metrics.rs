@@ -248,6 +248,21 @@ async fn scripted_pulls_give_exact_counters() {
     } else {
         assert_eq!(forged_streamed, 0.0, "bytes served from upstream");
     }
+    // Fill readers took each of those bytes from the fill's memory window or its spool,
+    // and no window holds anything once the fills ended.
+    let fill_read = |from: &str| {
+        after.get(&format!(
+            "registry_proxy_cache_fill_read_bytes_total{{from=\"{from}\"}}"
+        ))
+    };
+    assert!(after.present("registry_proxy_cache_fill_read_bytes_total{from=\"spool\"}"));
+    assert_eq!(
+        fill_read("memory") + fill_read("spool"),
+        after.get(&served("upstream")),
+        "fill reads by source add up to the bytes streamed from fills"
+    );
+    assert!(fill_read("memory") > 0.0, "the leaders read from memory");
+    assert_eq!(after.get("registry_proxy_cache_fill_window_bytes"), 0.0);
     assert_eq!(
         delta("registry_proxy_upstream_bytes_total"),
         (A_LEN + B_LEN + forged.data.len() * forged_gets) as f64,

@@ -60,6 +60,10 @@ pub(crate) struct Metrics {
     pub cache_digest_mismatches: IntCounter,
     /// Upstream re-opens (`Range: bytes=N-`) after a mid-blob failure.
     pub cache_fill_resumes: IntCounter,
+    /// Bytes readers of running fills took from the fill's memory window or its spool.
+    pub cache_fill_read_bytes: IntCounterVec,
+    /// Bytes the memory windows of all running fills hold now.
+    pub cache_fill_window_bytes: IntGauge,
     /// Cached objects found truncated or not matching their digest, and evicted.
     pub cache_corrupt: IntCounter,
     /// 1 while cache writes fail and pulls bypass the cache.
@@ -202,6 +206,17 @@ impl Metrics {
             "registry_proxy_cache_fill_resumes_total",
             "Upstream re-requests with Range after a blob body broke mid-way.",
         );
+        let cache_fill_read_bytes = IntCounterVec::new(
+            Opts::new(
+                "registry_proxy_cache_fill_read_bytes_total",
+                "Bytes readers of running fills took from the fill's memory window (caught up) or read back from its spool (joined late or fell behind).",
+            ),
+            &["from"],
+        );
+        let cache_fill_window_bytes = IntGauge::new(
+            "registry_proxy_cache_fill_window_bytes",
+            "Bytes held in the memory windows of all running fills (at most 12 MiB plus one upstream chunk per fill).",
+        );
         let cache_corrupt = IntCounter::new(
             "registry_proxy_cache_corrupt_total",
             "Cached objects found truncated or not matching their digest on read, at start-up or by the scrub, and evicted.",
@@ -263,6 +278,8 @@ impl Metrics {
             cache_evictions: ok_or_unregistered(cache_evictions),
             cache_digest_mismatches: ok_or_unregistered(cache_digest_mismatches),
             cache_fill_resumes: ok_or_unregistered(cache_fill_resumes),
+            cache_fill_read_bytes: ok_or_unregistered(cache_fill_read_bytes),
+            cache_fill_window_bytes: ok_or_unregistered(cache_fill_window_bytes),
             cache_corrupt: ok_or_unregistered(cache_corrupt),
             cache_degraded: ok_or_unregistered(cache_degraded),
             cache_write_errors: ok_or_unregistered(cache_write_errors),
@@ -292,6 +309,9 @@ impl Metrics {
         m.rate_limit_remaining.set(-1);
         for kind in ["blob", "manifest", "tag"] {
             m.cache_entries.with_label_values(&[kind]).set(0);
+        }
+        for from in ["memory", "spool"] {
+            m.cache_fill_read_bytes.with_label_values(&[from]).reset();
         }
         for o in ProbeOutcome::ALL {
             m.probe_outcome.with_label_values(&[o.label()]).set(0);
@@ -357,6 +377,8 @@ impl Metrics {
             Box::new(self.cache_evictions.clone()),
             Box::new(self.cache_digest_mismatches.clone()),
             Box::new(self.cache_fill_resumes.clone()),
+            Box::new(self.cache_fill_read_bytes.clone()),
+            Box::new(self.cache_fill_window_bytes.clone()),
             Box::new(self.cache_corrupt.clone()),
             Box::new(self.cache_degraded.clone()),
             Box::new(self.cache_write_errors.clone()),
@@ -460,6 +482,8 @@ impl Metrics {
             .with_label_values(&["tag"])
             .set(clamp(s.tag_entries));
         self.cache_fills_in_flight.set(clamp(s.fills_in_flight));
+        self.cache_fill_window_bytes
+            .set(clamp(s.fill_memory_window_bytes));
         self.cache_degraded
             .set(i64::from(s.degraded_since.is_some()));
         for (counter, total) in [
@@ -468,6 +492,14 @@ impl Metrics {
             (&self.cache_fill_resumes, s.resumes_total),
             (&self.cache_corrupt, s.corrupt_total),
             (&self.cache_write_errors, s.write_errors_total),
+            (
+                &self.cache_fill_read_bytes.with_label_values(&["memory"]),
+                s.fill_memory_bytes_total,
+            ),
+            (
+                &self.cache_fill_read_bytes.with_label_values(&["spool"]),
+                s.fill_spool_bytes_total,
+            ),
         ] {
             let seen = counter.get();
             if total > seen {
