@@ -17,8 +17,8 @@ use std::{
 
 use futures_util::StreamExt;
 use registry_tests::{
-    Action, Blob, FakeUpstream, ProxyHandle, Rule, fake_upstream::UPSTREAM_REPO, garage::Garage,
-    proxy::parse_config, test_client,
+    Action, Blob, FakeUpstream, ProxyHandle, Rule, bulk_client, fake_upstream::UPSTREAM_REPO,
+    garage::Garage, proxy::parse_config, test_client,
 };
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -58,7 +58,7 @@ fn token_key(dir: &Path) -> std::path::PathBuf {
 /// Streams a GET and returns (status, sha256 digest of the body, length); never holds
 /// the body.
 async fn pull(url: &str) -> Result<(u16, String, u64), String> {
-    let r = test_client()
+    let r = bulk_client()
         .get(url)
         .send()
         .await

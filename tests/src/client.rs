@@ -17,6 +17,21 @@ pub fn test_client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
+/// Like [`test_client`] for pulls of hundreds of MiB under parallel load (many concurrent
+/// streams of a debug build on 2 shared cores): a hung proxy still fails the test, because
+/// every read must make progress within 20 s, but a slow yet moving transfer is not cut at an
+/// overall 20 s (it was, once, after 186 of 200 MiB with 24 pulls in flight).
+pub fn bulk_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(20))
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("reqwest client")
+}
+
 /// One entry of an OCI distribution error body `{"errors":[...]}`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct OciError {

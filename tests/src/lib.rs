@@ -57,7 +57,7 @@ pub mod proxy;
 pub mod secret_dir;
 pub mod trace_capture;
 
-pub use client::{OciError, oci_errors, test_client};
+pub use client::{OciError, bulk_client, oci_errors, test_client};
 pub use content::{Blob, Image, Index, random_bytes, sha256_digest};
 pub use fake_upstream::{Action, AuthMode, CdnPlacement, FakeUpstream, Rule};
 pub use proxy::{ProxyHandle, start_proxy};
