@@ -27,6 +27,18 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// The body of a GET of `url`.
+async fn body(client: &reqwest::Client, url: &str) -> bytes::Bytes {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .bytes()
+        .await
+        .expect("body")
+}
+
 fn bench_cache(c: &mut Criterion) {
     let rt = runtime();
     let dir = tempfile_dir();
@@ -52,15 +64,7 @@ fn bench_cache(c: &mut Criterion) {
     let always_url = px_always.url(&format!("/v2/system/deckhouse/blobs/{}", warm.digest));
     for url in [&warm_url, &always_url] {
         rt.block_on(async {
-            let body = client
-                .get(url)
-                .send()
-                .await
-                .expect("GET")
-                .bytes()
-                .await
-                .expect("body");
-            assert_eq!(body, warm.data, "warm blob bytes");
+            assert_eq!(body(&client, url).await, warm.data, "warm blob bytes");
             // The first GET's fill may still be committing; wait until hits are served.
             tokio::time::sleep(Duration::from_millis(200)).await;
         });
@@ -100,17 +104,7 @@ fn bench_cache(c: &mut Criterion) {
                 let start = Instant::now();
                 let lens = rt.block_on(join_all((0..8).map(|_| {
                     let (client, url) = (client.clone(), url.clone());
-                    async move {
-                        client
-                            .get(url)
-                            .send()
-                            .await
-                            .expect("GET")
-                            .bytes()
-                            .await
-                            .expect("body")
-                            .len()
-                    }
+                    async move { body(&client, &url).await.len() }
                 })));
                 total += start.elapsed();
                 assert!(lens.iter().all(|&n| n == MIB), "short body: {lens:?}");

@@ -11,6 +11,8 @@
 #   lab_start_upstream          lab-token-server + docker-registry (token auth) -> $UP $TOK
 #   lab_push SRC REPO:TAG [--all]   skopeo copy --preserve-digests oci:$SRC -> upstream
 #   lab_start_proxy [ARGS...]   registry-proxy against $UP/deckhouse/ee (license user) -> $PX $PX_METRICS
+#   lab_build_proxy, lab_anon_upstream, lab_bench_proxy, lab_dist_config, lab_nginx_conf
+#                               the benchmark peers of benches/scripts/compare.sh and tls.sh
 #
 # Only 127.0.0.1 addresses are ever used. Test credentials below are lab-only.
 
@@ -314,6 +316,96 @@ lab_start_proxy() {
         --images-repo "${LAB_PROXY_UPSTREAM:-$UP}/deckhouse/ee" --scheme HTTP --license-file "$LAB/$name/license" "$@"
     lab_wait_http "http://$PX/v2/" 30 || { tail -30 "$LAB/logs/$name.log" >&2; lab_die "registry-proxy ($name) did not start"; }
     lab_log "registry-proxy http://$PX (metrics http://$PX_METRICS)"
+}
+
+# ---------------------------------------------------------------- benchmark peers
+# Shared by benches/scripts/compare.sh and tls.sh, so both measure the same setups.
+
+# lab_build_proxy: release-builds registry-proxy (unless LAB_NO_BUILD=1) -> $PROXY_BIN.
+lab_build_proxy() {
+    if [[ ${LAB_NO_BUILD:-0} != 1 ]]; then
+        lab_log "cargo build --release -p registry-proxy"
+        (cd "$LAB_REPO_ROOT" && cargo build --release -q -p registry-proxy) || lab_die "building registry-proxy failed"
+    fi
+    PROXY_BIN=${PROXY_BIN:-$(cd "$LAB_REPO_ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/release/registry-proxy}
+    [[ -x $PROXY_BIN ]] || lab_die "no proxy binary at $PROXY_BIN"
+}
+
+# lab_anon_upstream LEVEL ACCESSLOG_DISABLED: docker-registry without auth on a free port -> $UP.
+# Anonymous because distribution 2.8 and nginx cannot authenticate to it (local-lab G1).
+lab_anon_upstream() {
+    UP=127.0.0.1:$(lab_free_port)
+    mkdir -p "$LAB/up/data"
+    cat >"$LAB/up/config.yml" <<EOF
+version: 0.1
+log: {level: $1, accesslog: {disabled: $2}}
+storage:
+  filesystem: {rootdirectory: $LAB/up/data}
+  delete: {enabled: true}
+http: {addr: $UP, secret: lab-upstream-secret}
+EOF
+    lab_bg upstream docker-registry serve "$LAB/up/config.yml"
+    lab_wait_http "http://$UP/v2/" 20 || lab_die "upstream did not start"
+}
+
+# lab_bench_proxy NAME PORT METRICS_PORT ARGS...: our proxy in front of the anonymous $UP.
+lab_bench_proxy() {
+    local name=$1 port=$2 metrics=$3
+    shift 3
+    lab_bg "$name" env RUST_LOG=warn NO_COLOR=1 "$PROXY_BIN" --listen "127.0.0.1:$port" \
+        --metrics-listen "127.0.0.1:$metrics" --images-repo "$UP/deckhouse/ee" --scheme HTTP \
+        --client-auth none "$@"
+}
+
+# lab_dist_config PORT HTTP_EXTRA: $LAB/dist/config.yml, distribution 2.8 in proxy mode for $UP;
+# HTTP_EXTRA is one more flow-style entry of its `http:` map (debug port, tls).
+lab_dist_config() {
+    mkdir -p "$LAB/dist"
+    cat >"$LAB/dist/config.yml" <<EOF
+version: 0.1
+log: {level: warn, accesslog: {disabled: true}}
+storage:
+  filesystem: {rootdirectory: $LAB/dist/data}
+  delete: {enabled: true}
+  cache: {blobdescriptor: inmemory}
+http:
+  addr: 127.0.0.1:$1
+  secret: proxy-secret
+  $2
+proxy:
+  remoteurl: http://$UP
+EOF
+}
+
+# lab_nginx_conf <<EOF ... EOF: writes $LAB/ngx/nginx.conf, the shared `http` head (local-lab §5.2,
+# no injected Basic header) with the server block read from stdin, and prepares $LAB/ngx for
+# workers running as www-data (they must reach $LAB, which mktemp makes 0700, and own their dirs).
+lab_nginx_conf() {
+    chmod 711 "$LAB"
+    mkdir -p "$LAB/ngx/tmp" "$LAB/ngx/logs" "$LAB/ngx/cache"
+    chown -R www-data: "$LAB/ngx"
+    {
+        cat <<EOF
+user www-data;
+worker_processes 1;
+daemon off;
+pid $LAB/ngx/nginx.pid;
+error_log $LAB/ngx/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $LAB/ngx/tmp/body;
+  proxy_temp_path $LAB/ngx/tmp/proxy;
+  fastcgi_temp_path $LAB/ngx/tmp/fcgi;
+  uwsgi_temp_path $LAB/ngx/tmp/uwsgi;
+  scgi_temp_path $LAB/ngx/tmp/scgi;
+  sendfile on; tcp_nopush on;
+  proxy_cache_path $LAB/ngx/cache levels=1:2 keys_zone=blobs:10m max_size=20g inactive=7d use_temp_path=off;
+  upstream reg { server $UP; keepalive 16; }
+EOF
+        cat
+        echo "}"
+    } >"$LAB/ngx/nginx.conf"
 }
 
 # ---------------------------------------------------------------- test bookkeeping

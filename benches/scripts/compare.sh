@@ -36,12 +36,7 @@ PY=$(pyenv which python3 2>/dev/null || command -v python3)
 
 lab_init
 lab_need curl jq docker-registry skopeo wrk nginx
-if [[ ${LAB_NO_BUILD:-0} != 1 ]]; then
-    lab_log "cargo build --release -p registry-proxy"
-    (cd "$ROOT" && cargo build --release -q -p registry-proxy) || lab_die "building registry-proxy failed"
-fi
-PROXY_BIN=${PROXY_BIN:-$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/release/registry-proxy}
-[[ -x $PROXY_BIN ]] || lab_die "no proxy binary at $PROXY_BIN"
+lab_build_proxy
 
 CSV=$LAB/results.csv
 echo "target,metric,value,unit" >"$CSV"
@@ -58,18 +53,7 @@ if ((HUGE_MIB > 0)); then
 fi
 BIG_BYTES=$(stat -c%s "$(lab_blob "$LAB/layout" "$BIG")")
 
-UP=127.0.0.1:$(lab_free_port)
-mkdir -p "$LAB/up/data"
-cat >"$LAB/up/config.yml" <<EOF
-version: 0.1
-log: {level: info, accesslog: {disabled: false}}
-storage:
-  filesystem: {rootdirectory: $LAB/up/data}
-  delete: {enabled: true}
-http: {addr: $UP, secret: lab-upstream-secret}
-EOF
-lab_bg upstream docker-registry serve "$LAB/up/config.yml"
-lab_wait_http "http://$UP/v2/" 20 || lab_die "upstream did not start"
+lab_anon_upstream info false
 for t in big small ${HUGE:+huge}; do
     timeout 300 skopeo --insecure-policy copy -q --preserve-digests --dest-tls-verify=false \
         "oci:$LAB/layout:$t" "docker://$UP/deckhouse/ee/$t:v1" >&2 || lab_die "push $t failed"
@@ -90,42 +74,8 @@ NGX_PORT=$(lab_free_port)
 PASS_PORT=$(lab_free_port)
 PASS_METRICS=$(lab_free_port)
 
-mkdir -p "$LAB/dist" "$LAB/ngx/tmp" "$LAB/ngx/logs"
-cat >"$LAB/dist/config.yml" <<EOF
-version: 0.1
-log: {level: warn, accesslog: {disabled: true}}
-storage:
-  filesystem: {rootdirectory: $LAB/dist/data}
-  delete: {enabled: true}
-  cache: {blobdescriptor: inmemory}
-http:
-  addr: 127.0.0.1:$DIST_PORT
-  secret: proxy-secret
-  debug: {addr: 127.0.0.1:$DIST_DEBUG}
-proxy:
-  remoteurl: http://$UP
-EOF
-# local-lab §5.2, without the injected Basic header (anonymous upstream).
-# nginx workers run as www-data: they need to reach $LAB (mktemp makes it 0700) and own their dirs.
-chmod 711 "$LAB"
-chown -R www-data: "$LAB/ngx"
-cat >"$LAB/ngx/nginx.conf" <<EOF
-user www-data;
-worker_processes 1;
-daemon off;
-pid $LAB/ngx/nginx.pid;
-error_log $LAB/ngx/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $LAB/ngx/tmp/body;
-  proxy_temp_path $LAB/ngx/tmp/proxy;
-  fastcgi_temp_path $LAB/ngx/tmp/fcgi;
-  uwsgi_temp_path $LAB/ngx/tmp/uwsgi;
-  scgi_temp_path $LAB/ngx/tmp/scgi;
-  sendfile on; tcp_nopush on;
-  proxy_cache_path $LAB/ngx/cache levels=1:2 keys_zone=blobs:10m max_size=20g inactive=7d use_temp_path=off;
-  upstream reg { server $UP; keepalive 16; }
+lab_dist_config "$DIST_PORT" "debug: {addr: 127.0.0.1:$DIST_DEBUG}"
+lab_nginx_conf <<EOF
   server {
     listen 127.0.0.1:$NGX_PORT;
     proxy_http_version 1.1;
@@ -146,22 +96,13 @@ http {
     location /nc/ { rewrite ^/nc/(.*)\$ /\$1 break; proxy_pass http://reg; proxy_buffering on; }
     location /v2/ { proxy_pass http://reg; }
   }
-}
 EOF
 
 declare -A PID_OF=()
 start() { # start TARGET (keeps the cache on disk)
     case $1 in
-        ours)
-            lab_bg ours env RUST_LOG=warn NO_COLOR=1 "$PROXY_BIN" --listen "127.0.0.1:$OURS_PORT" \
-                --metrics-listen "127.0.0.1:$OURS_METRICS" --images-repo "$UP/deckhouse/ee" --scheme HTTP \
-                --client-auth none --cache-dir "$LAB/ours"
-            ;;
-        pass)
-            lab_bg pass env RUST_LOG=warn NO_COLOR=1 "$PROXY_BIN" --listen "127.0.0.1:$PASS_PORT" \
-                --metrics-listen "127.0.0.1:$PASS_METRICS" --images-repo "$UP/deckhouse/ee" --scheme HTTP \
-                --client-auth none --no-cache
-            ;;
+        ours) lab_bench_proxy ours "$OURS_PORT" "$OURS_METRICS" --cache-dir "$LAB/ours" ;;
+        pass) lab_bench_proxy pass "$PASS_PORT" "$PASS_METRICS" --no-cache ;;
         dist) lab_bg dist docker-registry serve "$LAB/dist/config.yml" ;;
         nginx) lab_bg nginx nginx -c "$LAB/ngx/nginx.conf" -e "$LAB/ngx/logs/error.log" ;;
     esac

@@ -23,11 +23,7 @@ RESULTS=${RESULTS:-$ROOT/docs/bench-tls.csv}
 
 lab_init
 lab_need curl jq docker-registry skopeo nginx openssl
-if [[ ${LAB_NO_BUILD:-0} != 1 ]]; then
-    (cd "$ROOT" && cargo build --release -q -p registry-proxy) || lab_die "building registry-proxy failed"
-fi
-PROXY_BIN=${PROXY_BIN:-$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/release/registry-proxy}
-[[ -x $PROXY_BIN ]] || lab_die "no proxy binary at $PROXY_BIN"
+lab_build_proxy
 
 CSV=$LAB/results.csv
 echo "target,metric,value,unit" >"$CSV"
@@ -42,17 +38,7 @@ read -r _ BIG < <(lab_mkimage "$LAB/layout" big "$BIG_MIB")
 read -r _ SMALL < <(lab_mkimage "$LAB/layout" small "$SMALL_MIB")
 [[ $BIG == sha256:* && $SMALL == sha256:* ]] || lab_die "building the images failed"
 
-UP=127.0.0.1:$(lab_free_port)
-mkdir -p "$LAB/up/data"
-cat >"$LAB/up/config.yml" <<EOC
-version: 0.1
-log: {level: warn, accesslog: {disabled: true}}
-storage:
-  filesystem: {rootdirectory: $LAB/up/data}
-http: {addr: $UP, secret: lab-upstream-secret}
-EOC
-lab_bg upstream docker-registry serve "$LAB/up/config.yml"
-lab_wait_http "http://$UP/v2/" 20 || lab_die "upstream did not start"
+lab_anon_upstream warn true
 for t in big small; do
     timeout 180 skopeo --insecure-policy copy -q --preserve-digests --dest-tls-verify=false \
         "oci:$LAB/layout:$t" "docker://$UP/deckhouse/ee/$t:v1" >&2 || lab_die "push $t failed"
@@ -63,45 +49,11 @@ OURS=$(lab_free_port)
 OURS_M=$(lab_free_port)
 DIST=$(lab_free_port)
 NGX=$(lab_free_port)
-lab_bg ours env RUST_LOG=warn NO_COLOR=1 "$PROXY_BIN" --listen "127.0.0.1:$OURS" \
-    --metrics-listen "127.0.0.1:$OURS_M" --images-repo "$UP/deckhouse/ee" --scheme HTTP \
-    --client-auth none --cache-dir "$LAB/ours" --tls-cert "$LAB/cert.pem" --tls-key "$LAB/key.pem"
-mkdir -p "$LAB/dist"
-cat >"$LAB/dist/config.yml" <<EOC
-version: 0.1
-log: {level: warn, accesslog: {disabled: true}}
-storage:
-  filesystem: {rootdirectory: $LAB/dist/data}
-  cache: {blobdescriptor: inmemory}
-http:
-  addr: 127.0.0.1:$DIST
-  secret: proxy-secret
-  tls: {certificate: $LAB/cert.pem, key: $LAB/key.pem}
-proxy:
-  remoteurl: http://$UP
-EOC
+lab_bench_proxy ours "$OURS" "$OURS_M" --cache-dir "$LAB/ours" --tls-cert "$LAB/cert.pem" --tls-key "$LAB/key.pem"
+lab_dist_config "$DIST" "tls: {certificate: $LAB/cert.pem, key: $LAB/key.pem}"
 lab_bg dist docker-registry serve "$LAB/dist/config.yml"
-chmod 711 "$LAB"
-mkdir -p "$LAB/ngx/tmp" "$LAB/ngx/logs" "$LAB/ngx/cache"
 chmod 644 "$LAB/key.pem"
-chown -R www-data: "$LAB/ngx"
-cat >"$LAB/ngx/nginx.conf" <<EOC
-user www-data;
-worker_processes 1;
-daemon off;
-pid $LAB/ngx/nginx.pid;
-error_log $LAB/ngx/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $LAB/ngx/tmp/body;
-  proxy_temp_path $LAB/ngx/tmp/proxy;
-  fastcgi_temp_path $LAB/ngx/tmp/fcgi;
-  uwsgi_temp_path $LAB/ngx/tmp/uwsgi;
-  scgi_temp_path $LAB/ngx/tmp/scgi;
-  sendfile on; tcp_nopush on;
-  proxy_cache_path $LAB/ngx/cache levels=1:2 keys_zone=blobs:10m max_size=20g inactive=7d use_temp_path=off;
-  upstream reg { server $UP; keepalive 16; }
+lab_nginx_conf <<EOC
   server {
     listen 127.0.0.1:$NGX ssl http2;
     ssl_certificate $LAB/cert.pem;
@@ -119,7 +71,6 @@ http {
     }
     location /v2/ { proxy_pass http://reg; }
   }
-}
 EOC
 lab_bg nginx nginx -c "$LAB/ngx/nginx.conf" -e "$LAB/ngx/logs/error.log"
 

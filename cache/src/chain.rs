@@ -17,11 +17,37 @@ use futures_util::{FutureExt, StreamExt, future::BoxFuture};
 
 use crate::{BlobSource, SourceBody, SourceError};
 
+/// Which tier a link of a chain is. Decisions (what to upload, what to remove) match on
+/// it; [`Tier::label`] is only the bounded metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// The shared S3 tier.
+    S3,
+    /// The replica owning the digest.
+    Peer,
+    /// The upstream registry (the source of truth).
+    Upstream,
+}
+
+impl Tier {
+    /// Every tier, for metric series that exist from the first scrape.
+    pub const ALL: [Self; 3] = [Self::S3, Self::Peer, Self::Upstream];
+
+    /// Bounded metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::S3 => "s3",
+            Self::Peer => "peer",
+            Self::Upstream => "upstream",
+        }
+    }
+}
+
 /// One tier of a chain.
 #[derive(Clone)]
 pub struct ChainLink {
-    /// Bounded metric label, e.g. `s3`, `peer`, `upstream`.
-    pub label: &'static str,
+    /// Which tier it is.
+    pub tier: Tier,
     /// Where its bytes come from.
     pub source: Arc<dyn BlobSource>,
 }
@@ -29,7 +55,7 @@ pub struct ChainLink {
 impl std::fmt::Debug for ChainLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChainLink")
-            .field("label", &self.label)
+            .field("tier", &self.tier)
             .finish()
     }
 }
@@ -39,15 +65,15 @@ impl std::fmt::Debug for ChainLink {
 pub enum ChainEvent<'a> {
     /// The tier `from` failed (to open, or mid-body) and the next one is tried.
     FellThrough {
-        /// Label of the tier that failed.
-        from: &'static str,
+        /// The tier that failed.
+        from: Tier,
         /// Why.
         error: &'a SourceError,
     },
-    /// `n` body bytes arrived from tier `label`.
+    /// `n` body bytes arrived from `tier`.
     Bytes {
-        /// Label of the tier.
-        label: &'static str,
+        /// The tier.
+        tier: Tier,
         /// Byte count.
         n: u64,
     },
@@ -95,13 +121,13 @@ impl ChainSource {
         }
     }
 
-    /// Whether the tier labelled `label` delivered any byte so far.
-    pub fn used(&self, label: &str) -> bool {
+    /// Whether `tier` delivered any byte so far.
+    pub fn used(&self, tier: Tier) -> bool {
         let used = self.state.used.load(Ordering::Acquire);
         self.links
             .iter()
             .enumerate()
-            .any(|(i, l)| l.label == label && used & (1 << i) != 0)
+            .any(|(i, l)| l.tier == tier && used & (1 << i) != 0)
     }
 
     fn observe(&self, e: ChainEvent<'_>) {
@@ -128,7 +154,7 @@ impl BlobSource for ChainSource {
                     Ok(body) => return Ok(this.wrap(i, body)),
                     Err(e) if i < last => {
                         this.observe(ChainEvent::FellThrough {
-                            from: link.label,
+                            from: link.tier,
                             error: &e,
                         });
                         i += 1;
@@ -142,7 +168,7 @@ impl BlobSource for ChainSource {
 
     fn label(&self) -> &'static str {
         let i = self.state.current.load(Ordering::Acquire);
-        self.links.get(i).map_or("upstream", |l| l.label)
+        self.links.get(i).map_or(Tier::Upstream, |l| l.tier).label()
     }
 }
 
@@ -151,14 +177,14 @@ impl ChainSource {
     /// into "resume from the next tier".
     fn wrap(&self, i: usize, body: SourceBody) -> SourceBody {
         let this = self.clone();
-        let label = self.links.get(i).map_or("upstream", |l| l.label);
+        let tier = self.links.get(i).map_or(Tier::Upstream, |l| l.tier);
         let is_last = i + 1 >= self.links.len();
         let stream = body.body.map(move |item| match item {
             Ok(b) => {
                 if !b.is_empty() {
                     this.state.used.fetch_or(1 << i, Ordering::AcqRel);
                     this.observe(ChainEvent::Bytes {
-                        label,
+                        tier,
                         n: b.len() as u64,
                     });
                 }
@@ -175,7 +201,7 @@ impl ChainSource {
                     Ordering::Acquire,
                 );
                 this.observe(ChainEvent::FellThrough {
-                    from: label,
+                    from: tier,
                     error: &e,
                 });
                 Err(SourceError::retryable(e))
@@ -280,11 +306,11 @@ mod tests {
         let chain = ChainSource::new(
             vec![
                 ChainLink {
-                    label: "s3",
+                    tier: Tier::S3,
                     source: s3.clone(),
                 },
                 ChainLink {
-                    label: "upstream",
+                    tier: Tier::Upstream,
                     source: up.clone(),
                 },
             ],
@@ -297,9 +323,9 @@ mod tests {
         let (out, reopens) = drain(&chain, 0, 1000).await;
         assert_eq!(out, data);
         assert_eq!(reopens, 0);
-        assert_eq!(*seen.lock().unwrap(), vec!["s3"]);
+        assert_eq!(*seen.lock().unwrap(), vec![Tier::S3]);
         assert_eq!(chain.label(), "upstream");
-        assert!(chain.used("upstream") && !chain.used("s3"));
+        assert!(chain.used(Tier::Upstream) && !chain.used(Tier::S3));
         // A later re-open starts at the tier that works.
         let _ = chain.open(10).await.unwrap();
         assert_eq!(*s3.opened.lock().unwrap(), vec![0]);
@@ -317,11 +343,11 @@ mod tests {
         let chain = ChainSource::new(
             vec![
                 ChainLink {
-                    label: "peer",
+                    tier: Tier::Peer,
                     source: peer.clone(),
                 },
                 ChainLink {
-                    label: "upstream",
+                    tier: Tier::Upstream,
                     source: up.clone(),
                 },
             ],
@@ -331,7 +357,7 @@ mod tests {
         assert_eq!(out, data, "bytes from both tiers join exactly");
         assert_eq!(reopens, 1);
         assert_eq!(*up.opened.lock().unwrap(), vec![1234]);
-        assert!(chain.used("peer") && chain.used("upstream"));
+        assert!(chain.used(Tier::Peer) && chain.used(Tier::Upstream));
     }
 
     #[tokio::test]
@@ -340,7 +366,7 @@ mod tests {
         let up = Fake::new(&data, vec![None]);
         let chain = ChainSource::new(
             vec![ChainLink {
-                label: "upstream",
+                tier: Tier::Upstream,
                 source: up,
             }],
             None,

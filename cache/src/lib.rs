@@ -52,7 +52,7 @@ use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use chain::{ChainEvent, ChainLink, ChainObserver, ChainSource};
+pub use chain::{ChainEvent, ChainLink, ChainObserver, ChainSource, Tier};
 pub use error::{CacheError, FillError, SourceError, Stalled};
 pub use fill::Fill;
 pub use names::{Hex, TagKey};

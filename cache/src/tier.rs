@@ -896,7 +896,7 @@ impl BlobSource for S3Source {
     }
 
     fn label(&self) -> &'static str {
-        "s3"
+        crate::Tier::S3.label()
     }
 }
 

@@ -435,14 +435,7 @@ impl Reconciler {
                 params: p.clone(),
                 image: self.settings.proxy_image.clone(),
                 masters,
-                pki: ProxyPki {
-                    ca_pem: ca.cert_pem.clone(),
-                    leaf_pem: leaf.cert_pem,
-                    leaf_key_pem: leaf.key_pem,
-                    leaf_not_after: leaf.not_after,
-                    leaf_sans: leaf.sans,
-                    token_key: token_key.clone(),
-                },
+                pki: ProxyPki::issued(ca, leaf, token_key.clone()),
                 probe_reference: probe_reference.clone(),
                 node_address: cluster_ip.as_deref().and_then(|ip| {
                     render::ProxyEndpoint::for_cluster_ip(ip, "").map(|e| e.address)
@@ -681,14 +674,7 @@ pub fn render_all(
                 params: p.clone(),
                 image: settings.proxy_image.clone(),
                 masters,
-                pki: ProxyPki {
-                    ca_pem: ca.cert_pem.clone(),
-                    leaf_pem: leaf.cert_pem,
-                    leaf_key_pem: leaf.key_pem,
-                    leaf_not_after: leaf.not_after,
-                    leaf_sans: leaf.sans,
-                    token_key: pki::generate_token_key()?,
-                },
+                pki: ProxyPki::issued(&ca, leaf, pki::generate_token_key()?),
                 probe_reference: settings.probe_reference.clone(),
                 node_address: None,
                 cluster_tier: settings.cluster_tier.clone(),

@@ -79,7 +79,7 @@ pub async fn run(
         let c = layer.cache.clone();
         metrics.set_stats_source(Box::new(move || c.stats()));
     }
-    let probe = ops::health::Probe::default();
+    let probe = ops::probe_state::Probe::default();
     tasks.spawn(upstream::probe::run(
         probe.clone(),
         upstream.clone(),

@@ -1058,26 +1058,51 @@ async fn prefetch_layers_warms_blobs_once_without_delaying_the_manifest() {
     let up = FakeUpstream::start().await;
     let image = Image::random(&[512 * 1024, 256 * 1024]);
     up.push_image(UPSTREAM_REPO, Some("v1"), &image);
+    // The upstream holds every layer until the manifest has been answered: the order, not
+    // a clock, proves the manifest is not held behind its prefetch.
+    let (open, gate) = Action::gate();
     for l in &image.layers {
-        up.on(Rule::exact(up_blob(l), slow(64 * 1024, 100)).method("GET"));
+        up.on(Rule::exact(up_blob(l), gate.clone()).method("GET"));
     }
     let dir = TempDir::new().unwrap();
     let px = cached_proxy(up.proxy_args(), dir.path(), &["--prefetch-layers"]).await;
 
-    let start = Instant::now();
     assert_eq!(
         get_ok(&px, &client_manifest("v1")).await,
         image.manifest.data
     );
+    // Answered while every prefetch is still held upstream.
+    for l in &image.layers {
+        wait_until(Duration::from_secs(10), "prefetch started", || async {
+            up.requests("GET", &up_blob(l)) == 1
+        })
+        .await;
+    }
     assert!(
-        start.elapsed() < Duration::from_millis(500),
-        "manifest waited for the prefetch"
+        image
+            .layers
+            .iter()
+            .all(|l| !blob_file(dir.path(), &l.digest).exists()),
+        "a layer committed while the gate was closed"
     );
-    // A client asking for a layer while it is prefetched joins that fill.
-    assert_eq!(
-        get_ok(&px, &client_blob(&image.layers[0])).await,
-        image.layers[0].data
-    );
+    // A client asking for a layer while it is prefetched joins that fill (the gate opens
+    // only once it has joined).
+    let layer0_path = client_blob(&image.layers[0]);
+    let layer0 = get_ok(&px, &layer0_path);
+    let opened = async {
+        wait_until(
+            Duration::from_secs(10),
+            "client joined the prefetch",
+            || async {
+                let labels = [("kind", "blob"), ("result", "coalesced")];
+                metric(&px, "registry_proxy_cache_requests_total", &labels).await == 1.0
+            },
+        )
+        .await;
+        open.send_replace(true);
+    };
+    let (layer0, ()) = tokio::join!(layer0, opened);
+    assert_eq!(layer0, image.layers[0].data);
     for b in image.blobs() {
         let p = blob_file(dir.path(), &b.digest);
         wait_until(

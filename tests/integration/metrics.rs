@@ -412,6 +412,23 @@ async fn pulls_are_counted_by_client_kind_and_source() {
             }
         }
     }
+    // Every reload series too, S3 keys included, at zero before any reload.
+    for file in [
+        "credentials",
+        "htpasswd",
+        "token_key",
+        "upstream_ca",
+        "tls",
+        "s3_keys",
+    ] {
+        for result in ["ok", "error"] {
+            let series = format!(
+                "registry_proxy_config_reloads_total{{file=\"{file}\",result=\"{result}\"}}"
+            );
+            assert!(before.present(&series), "{series}");
+            assert_eq!(before.get(&series), 0.0, "{series}");
+        }
+    }
     let c = test_client();
     let layer = &img.layers[0].digest;
     let blob = px.url(&format!("/v2/system/deckhouse/blobs/{layer}"));

@@ -28,6 +28,17 @@ pub struct Pki {
     pub not_after_unix: i64,
 }
 
+impl Pki {
+    /// The serving certificate and key as `--tls-cert tls.crt --tls-key tls.key` files of a
+    /// [`crate::secret_dir::SecretDir`].
+    pub fn tls_flags(&self) -> [crate::secret_dir::SecretFlag<'_>; 2] {
+        [
+            ("--tls-cert", "tls.crt", self.leaf_pem.as_bytes()),
+            ("--tls-key", "tls.key", self.key_pem.as_bytes()),
+        ]
+    }
+}
+
 /// CA + leaf with the Deckhouse SANs; `year` is the leaf's `notAfter` year (1 Jan, UTC).
 pub fn pki(name: &str, year: i32) -> Pki {
     use rcgen::{

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+/// A flag naming a file of a [`SecretDir`]: `(flag, file name, content)`.
+pub type SecretFlag<'a> = (&'a str, &'a str, &'a [u8]);
+
 /// A directory laid out like a mounted Kubernetes Secret. `path(name)` is the stable
 /// symlink a flag points at; `swap` replaces every file at once by retargeting `..data`.
 pub struct SecretDir {
@@ -22,6 +25,19 @@ impl SecretDir {
             std::os::unix::fs::symlink(format!("..data/{name}"), s.dir.path().join(name)).unwrap();
         }
         s
+    }
+
+    /// A Secret directory holding the file of each `(flag, file name, content)`, and the
+    /// arguments naming them (`flag <stable path>`, in order): the setup of a proxy whose
+    /// secrets arrive as files.
+    pub fn for_flags(flags: &[SecretFlag<'_>]) -> (Self, Vec<String>) {
+        let files: Vec<(&str, &[u8])> = flags.iter().map(|&(_, f, c)| (f, c)).collect();
+        let dir = Self::new(&files);
+        let args = flags
+            .iter()
+            .flat_map(|&(flag, f, _)| [flag.to_owned(), dir.arg(f)])
+            .collect();
+        (dir, args)
     }
 
     /// The stable path of `name` (what a flag points at).

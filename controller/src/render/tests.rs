@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::CheckMode;
+use crate::config::{CheckMode, Mode, Scheme, UpstreamParams};
 
 fn p(ca: Option<String>) -> UpstreamParams {
     UpstreamParams {

@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use registry_cache::{BlobSource, Digest, FillError, SourceError};
 
 use crate::api::cache::CacheLayer;
-use crate::api::passthrough;
+use crate::api::passthrough::{self, BlobAsk};
 use crate::api::range::{self, Wanted};
 use crate::api::state::AppState;
 use crate::cluster::Hop;
@@ -35,20 +35,22 @@ pub(crate) async fn get(
     digest: &Digest,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    let ask = BlobAsk {
+        method,
+        remote,
+        digest,
+        headers,
+    };
     match &state.cache {
-        Some(layer) => {
-            let ask = Ask {
-                method,
-                remote,
-                digest,
-                headers,
-            };
-            cached(state, ctx, layer, ask, Hop::Client).await
-        }
+        Some(layer) => cached(state, ctx, layer, ask, Hop::Client).await,
         None => {
             state.metrics.cache(ctx, "blob", CacheResult::Bypass);
             let headers = without_stale_range(headers, digest.as_ref());
-            passthrough::blob(state, ctx, method, remote, digest, &headers).await
+            let ask = BlobAsk {
+                headers: &headers,
+                ..ask
+            };
+            passthrough::blob(state, ctx, ask).await
         }
     }
 }
@@ -172,7 +174,7 @@ pub(crate) async fn for_peer(
 ) -> Result<Response, ApiError> {
     // Peer requests skip the client access log, so their notes go nowhere.
     let ctx = RequestContext::default();
-    let ask = Ask {
+    let ask = BlobAsk {
         method,
         remote,
         digest,
@@ -181,24 +183,15 @@ pub(crate) async fn for_peer(
     cached(state, &ctx, layer, ask, Hop::Peer).await
 }
 
-/// What a blob request asks for, as the cached path needs it.
-#[derive(Clone, Copy)]
-struct Ask<'a> {
-    method: &'a Method,
-    remote: &'a str,
-    digest: &'a Digest,
-    headers: &'a HeaderMap,
-}
-
 /// The blob endpoint through the cache.
 async fn cached(
     state: &AppState,
     ctx: &RequestContext,
     layer: &CacheLayer,
-    ask: Ask<'_>,
+    ask: BlobAsk<'_>,
     hop: Hop,
 ) -> Result<Response, ApiError> {
-    let Ask {
+    let BlobAsk {
         method,
         remote,
         digest,
@@ -253,7 +246,7 @@ async fn cached(
     }
     if head || !sha256 {
         metrics.cache(ctx, "blob", CacheResult::Miss);
-        return passthrough::blob(state, ctx, method, remote, digest, req_headers).await;
+        return passthrough::blob(state, ctx, ask).await;
     }
     let upstream = UpstreamBlob::new(&state.upstream, remote, digest, metrics, ctx);
     let upstream_source: Arc<dyn BlobSource> = upstream.clone();

@@ -29,6 +29,7 @@ use crate::ops::notes::{CacheResult, RequestContext};
 use crate::path::Reference;
 use crate::upstream::Upstream;
 use crate::upstream::blob_source::UpstreamBlob;
+use crate::upstream::client::Resource;
 use crate::upstream::response::read_manifest;
 use crate::upstream::revalidate::revalidate;
 
@@ -60,7 +61,13 @@ pub(crate) async fn get(
         }
         _ => {
             state.metrics.cache(ctx, "manifest", CacheResult::Bypass);
-            relayed(state, ctx, method, remote, reference, headers).await
+            let ask = ManifestAsk {
+                method,
+                remote,
+                reference,
+                headers,
+            };
+            relayed(state, ctx, ask).await
         }
     }
 }
@@ -83,19 +90,37 @@ fn accepts_every_manifest_type(headers: &HeaderMap) -> bool {
     MANIFEST_TYPES.iter().all(|t| seen.iter().any(|m| m == t))
 }
 
+/// What a manifest request asks for (`remote`: the upstream repository).
+#[derive(Clone, Copy)]
+struct ManifestAsk<'a> {
+    method: &'a Method,
+    remote: &'a str,
+    reference: &'a Reference,
+    headers: &'a HeaderMap,
+}
+
 /// Manifests are buffered (they are small) so their digest can be checked and provided
 /// when the upstream omits `Docker-Content-Digest`; the bytes are never re-serialised.
 async fn relayed(
     state: &AppState,
     ctx: &RequestContext,
-    method: &Method,
-    remote: &str,
-    reference: &Reference,
-    headers: &HeaderMap,
+    ask: ManifestAsk<'_>,
 ) -> Result<Response, ApiError> {
+    let ManifestAsk {
+        method,
+        remote,
+        reference,
+        headers,
+    } = ask;
     let resp = state
         .upstream
-        .manifest(method, remote, &reference.to_string(), headers, ctx)
+        .fetch(
+            method,
+            remote,
+            Resource::Manifest(&reference.to_string()),
+            headers,
+            ctx,
+        )
         .await?;
     if *method == Method::HEAD || resp.status() != StatusCode::OK {
         return Ok(passthrough::stream(
@@ -175,15 +200,24 @@ fn manifest_response(
     resp
 }
 
+/// What a manifest fetch needs, owned: it runs on a task of its own.
+struct ManifestFetch {
+    layer: CacheLayer,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
+    remote: String,
+    digest: Digest,
+}
+
 /// Fetches a manifest by digest from the upstream, verifies it and stores it.
-async fn fetch_manifest(
-    ctx: &RequestContext,
-    layer: &CacheLayer,
-    upstream: &Upstream,
-    metrics: &Arc<Metrics>,
-    remote: &str,
-    digest: &Digest,
-) -> Result<Manifest, ApiError> {
+async fn fetch_manifest(ctx: &RequestContext, f: &ManifestFetch) -> Result<Manifest, ApiError> {
+    let ManifestFetch {
+        layer,
+        upstream,
+        metrics,
+        remote,
+        digest,
+    } = f;
     // The S3 tier first: verified there, kept on the local disk too.
     if let Some(c) = &layer.cluster
         && let Some((bytes, media_type)) = c.manifest(digest).await
@@ -199,10 +233,10 @@ async fn fetch_manifest(
         return Ok((bytes, media_type, digest.clone()));
     }
     let resp = upstream
-        .manifest(
+        .fetch(
             &Method::GET,
             remote,
-            digest.as_ref(),
+            Resource::Manifest(digest.as_ref()),
             &HeaderMap::new(),
             ctx,
         )
@@ -248,13 +282,21 @@ async fn fetch_manifest_by_digest(
     digest: &Digest,
 ) -> Result<Manifest, ApiError> {
     let key = format!("{remote}@{digest}");
-    let (layer_c, upstream, metrics) = (layer.clone(), upstream.clone(), metrics.clone());
-    let (remote, digest, ctx) = (remote.to_owned(), digest.clone(), ctx.clone());
+    let fetch = ManifestFetch {
+        layer: layer.clone(),
+        upstream: upstream.clone(),
+        metrics: metrics.clone(),
+        remote: remote.to_owned(),
+        digest: digest.clone(),
+    };
     layer
         .manifest_fetches
-        .join(key, "manifest fetch task failed", move || async move {
-            fetch_manifest(&ctx, &layer_c, &upstream, &metrics, &remote, &digest).await
-        })
+        .join(
+            key,
+            "manifest fetch task failed",
+            ctx,
+            move |ctx| async move { fetch_manifest(&ctx, &fetch).await },
+        )
         .await
 }
 

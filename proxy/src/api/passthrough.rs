@@ -15,7 +15,7 @@ use crate::api::state::AppState;
 use crate::error::ApiError;
 use crate::ops::metrics::Metrics;
 use crate::ops::notes::RequestContext;
-use crate::upstream::client::BodyTimer;
+use crate::upstream::client::{BodyTimer, Resource};
 use crate::upstream::response::check_blob_length;
 
 /// Upstream response headers the client sees. Everything else (notably
@@ -65,20 +65,27 @@ pub(crate) fn stream(metrics: &Arc<Metrics>, resp: reqwest::Response, head: bool
     out
 }
 
+/// What a blob request asks for (`remote`: the upstream repository).
+#[derive(Clone, Copy)]
+pub(crate) struct BlobAsk<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) remote: &'a str,
+    pub(crate) digest: &'a Digest,
+    pub(crate) headers: &'a HeaderMap,
+}
+
 /// A blob straight from the upstream, its announced length checked before it reaches
 /// the client.
 pub(crate) async fn blob(
     state: &AppState,
     ctx: &RequestContext,
-    method: &Method,
-    remote: &str,
-    digest: &Digest,
-    headers: &HeaderMap,
+    ask: BlobAsk<'_>,
 ) -> Result<Response, ApiError> {
+    let what = Resource::Blob(ask.digest);
     let resp = state
         .upstream
-        .blob(method, remote, digest, headers, ctx)
+        .fetch(ask.method, ask.remote, what, ask.headers, ctx)
         .await?;
     check_blob_length(&resp)?;
-    Ok(stream(&state.metrics, resp, *method == Method::HEAD))
+    Ok(stream(&state.metrics, resp, *ask.method == Method::HEAD))
 }

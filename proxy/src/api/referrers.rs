@@ -1,13 +1,14 @@
 //! `GET /v2/<name>/referrers/<digest>`: streamed from the upstream as it answers.
 
 use axum::response::Response;
-use http::HeaderMap;
+use http::{HeaderMap, Method};
 use oci_spec::image::Digest;
 
 use crate::api::passthrough;
 use crate::api::state::AppState;
 use crate::error::ApiError;
 use crate::ops::notes::RequestContext;
+use crate::upstream::client::Resource;
 
 /// The referrers endpoint.
 pub(crate) async fn get(
@@ -20,7 +21,13 @@ pub(crate) async fn get(
 ) -> Result<Response, ApiError> {
     let resp = state
         .upstream
-        .referrers(remote, digest, query, headers, ctx)
+        .fetch(
+            &Method::GET,
+            remote,
+            Resource::Referrers { digest, query },
+            headers,
+            ctx,
+        )
         .await?;
     Ok(passthrough::stream(&state.metrics, resp, false))
 }

@@ -5,12 +5,13 @@
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 use crate::api::state::AppState;
 use crate::error::ApiError;
 use crate::ops::notes::RequestContext;
 use crate::path::Alias;
+use crate::upstream::client::Resource;
 use crate::upstream::response::{MAX_TAGS_BYTES, read_bounded};
 
 /// The tag list endpoint; `local` is the client-side name, `remote` the upstream one.
@@ -22,7 +23,10 @@ pub(crate) async fn get(
     query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let resp = state.upstream.tags(remote, query, headers, ctx).await?;
+    let resp = state
+        .upstream
+        .fetch(&Method::GET, remote, Resource::Tags { query }, headers, ctx)
+        .await?;
     let status = resp.status();
     let link = resp
         .headers()

@@ -20,7 +20,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeV
 use registry_auth::client::ClientAuth;
 use registry_cache::{
     BlobSource, Cache, ChainEvent, ChainLink, ChainSource, Digest, Fill, FillError, Hex, S3Config,
-    S3Credentials, S3Outcome, S3Tier,
+    S3Credentials, S3Outcome, S3Tier, Tier,
 };
 
 use crate::cluster::peer::{PeerSource, Peers};
@@ -148,12 +148,15 @@ impl TierMetrics {
         for r in ["ok", "error", "timeout"] {
             m.peer_fetches.with_label_values(&[r]).inc_by(0);
         }
-        for t in ["s3", "peer", "upstream"] {
-            m.fallbacks.with_label_values(&[t]).inc_by(0);
-            m.fill_bytes.with_label_values(&[t]).inc_by(0);
+        for t in Tier::ALL {
+            m.fallbacks.with_label_values(&[t.label()]).inc_by(0);
+            m.fill_bytes.with_label_values(&[t.label()]).inc_by(0);
         }
-        for s in ["peer", "s3"] {
-            metrics.bytes_served.with_label_values(&[s]).inc_by(0);
+        for t in [Tier::Peer, Tier::S3] {
+            metrics
+                .bytes_served
+                .with_label_values(&[t.label()])
+                .inc_by(0);
         }
         m
     }
@@ -350,7 +353,7 @@ impl Cluster {
         let mut links = Vec::with_capacity(3);
         if let (Some(s3), Ok(hex)) = (&self.s3, Hex::from_digest(digest)) {
             links.push(ChainLink {
-                label: "s3",
+                tier: Tier::S3,
                 source: s3.source(hex),
             });
         }
@@ -360,7 +363,7 @@ impl Cluster {
         {
             let counter = self.metrics.peer_fetches.clone();
             links.push(ChainLink {
-                label: "peer",
+                tier: Tier::Peer,
                 source: Arc::new(PeerSource {
                     client: client.clone(),
                     base: owner,
@@ -373,7 +376,7 @@ impl Cluster {
             });
         }
         links.push(ChainLink {
-            label: "upstream",
+            tier: Tier::Upstream,
             source: upstream,
         });
         let m = self.metrics.clone();
@@ -381,11 +384,11 @@ impl Cluster {
             links,
             Some(Arc::new(move |e: ChainEvent<'_>| match e {
                 ChainEvent::FellThrough { from, error } => {
-                    m.fallbacks.with_label_values(&[from]).inc();
-                    tracing::debug!(from, %error, "tier skipped");
+                    m.fallbacks.with_label_values(&[from.label()]).inc();
+                    tracing::debug!(from = from.label(), %error, "tier skipped");
                 }
-                ChainEvent::Bytes { label, n } => {
-                    m.fill_bytes.with_label_values(&[label]).inc_by(n);
+                ChainEvent::Bytes { tier, n } => {
+                    m.fill_bytes.with_label_values(&[tier.label()]).inc_by(n);
                 }
             })),
         )
@@ -399,13 +402,13 @@ impl Cluster {
         let cache = cache.clone();
         self.tasks.spawn(async move {
             match fill.wait().await {
-                Ok(_) if chain.used("upstream") => {
+                Ok(_) if chain.used(Tier::Upstream) => {
                     if let Ok(Some(hit)) = cache.blob(&digest).await {
                         s3.upload_blob(hit);
                     }
                 }
                 Err(FillError::DigestMismatch { .. } | FillError::LengthMismatch { .. })
-                    if chain.used("s3") =>
+                    if chain.used(Tier::S3) =>
                 {
                     if let Ok(hex) = Hex::from_digest(&digest) {
                         s3.remove_blob(&hex).await;

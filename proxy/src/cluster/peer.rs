@@ -21,7 +21,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use http::{StatusCode, header};
 use registry_auth::client::{ClientAuth, peer::SCHEME};
-use registry_cache::{BlobSource, Digest, SourceBody, SourceError};
+use registry_cache::{BlobSource, Digest, SourceBody, SourceError, Tier};
 
 /// Path prefix of the internal endpoint.
 pub(crate) const PATH_PREFIX: &str = "/_peer/v1/blobs/";
@@ -242,7 +242,7 @@ impl BlobSource for PeerSource {
     }
 
     fn label(&self) -> &'static str {
-        "peer"
+        Tier::Peer.label()
     }
 }
 

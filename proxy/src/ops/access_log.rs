@@ -146,6 +146,7 @@ pub(crate) async fn layer(
     let id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
     let method = method_label(req.method());
     let head = req.method() == http::Method::HEAD;
+    let get = req.method() == http::Method::GET;
     let client = client_kind(req.headers().get(http::header::USER_AGENT));
     metrics.in_flight.inc();
     let started = Instant::now();
@@ -160,7 +161,7 @@ pub(crate) async fn layer(
         .get::<RequestContext>()
         .cloned()
         .unwrap_or_default();
-    if method == "GET"
+    if get
         && resp.status().is_success()
         && let kind @ ("manifest" | "blob") = route
     {

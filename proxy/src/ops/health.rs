@@ -1,75 +1,18 @@
 //! The ops port: Prometheus text exposition and health endpoints, plain HTTP, separate
 //! from the API so scraping and probes never need credentials or TLS. The upstream
-//! probe (`crate::upstream::probe`) publishes its results into [`Probe`] here.
+//! probe (`crate::upstream::probe`) publishes its results into [`Probe`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use http::{StatusCode, header};
-use serde::Serialize;
 
 use crate::ops::metrics::Metrics;
-
-/// Result of the last probe.
-#[derive(Clone, Debug, Serialize)]
-pub(crate) struct ProbeStatus {
-    /// `ok`, `unreachable`, `tls`, `auth`, `not_found` or `unknown` (not run yet).
-    pub outcome: &'static str,
-    /// What failed, for operators (no secrets).
-    pub message: String,
-    /// Unix time of the last probe (0 = never).
-    pub checked_at: u64,
-    /// Unix time of the last success (0 = never).
-    pub last_success: u64,
-}
-
-impl ProbeStatus {
-    /// What clients get: `upstream` while the probe passes (or has not run), `cache-only`
-    /// while it fails. Cached content stays served when the upstream refuses the license
-    /// (availability over licensing; docs/operations.md).
-    pub(crate) fn serving(&self) -> &'static str {
-        match self.outcome {
-            "ok" | "unknown" => "upstream",
-            _ => "cache-only",
-        }
-    }
-}
-
-/// Shared probe state read by `/readyz`.
-#[derive(Clone, Debug)]
-pub(crate) struct Probe {
-    status: Arc<ArcSwap<ProbeStatus>>,
-}
-
-impl Default for Probe {
-    fn default() -> Self {
-        Self {
-            status: Arc::new(ArcSwap::from_pointee(ProbeStatus {
-                outcome: "unknown",
-                message: "not probed yet".to_owned(),
-                checked_at: 0,
-                last_success: 0,
-            })),
-        }
-    }
-}
-
-impl Probe {
-    /// The last result.
-    pub(crate) fn status(&self) -> Arc<ProbeStatus> {
-        self.status.load_full()
-    }
-
-    /// Publishes the result of a probe run.
-    pub(crate) fn set(&self, status: ProbeStatus) {
-        self.status.store(Arc::new(status));
-    }
-}
+use crate::ops::probe_state::{Probe, ProbeOutcome};
 
 /// Whether the API listener is up and the configuration loaded.
 #[derive(Clone, Debug, Default)]
@@ -125,7 +68,7 @@ async fn metrics_handler(State(s): State<OpsState>) -> impl IntoResponse {
 async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
     let probe = s.probe.status();
     let listening = s.ready.is_ready();
-    let upstream_ok = probe.outcome == "ok";
+    let upstream_ok = probe.outcome == ProbeOutcome::Ok;
     let ready = listening && (!s.strict || upstream_ok);
     // A degraded cache does not fail readiness: pulls still work, from the upstream.
     let cache = s.metrics.cache_stats().map(|c| {
@@ -141,7 +84,7 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
         "ready": ready,
         "listening": listening,
         "strict": s.strict,
-        "serving": probe.serving(),
+        "serving": probe.outcome.serving().label(),
         "upstream": &*probe,
         "cache": cache,
     });

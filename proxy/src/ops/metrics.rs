@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::Method;
 
 use crate::ops::notes::{CacheResult, RequestContext};
+use crate::ops::probe_state::ProbeOutcome;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -15,10 +16,6 @@ use prometheus::{
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
-
-/// Every probe outcome label, so all series exist from the first scrape.
-pub(crate) const PROBE_OUTCOMES: [&str; 6] =
-    ["ok", "unreachable", "tls", "auth", "not_found", "unknown"];
 
 /// Typed handles of every metric family.
 #[derive(Clone)]
@@ -296,8 +293,8 @@ impl Metrics {
         for kind in ["blob", "manifest", "tag"] {
             m.cache_entries.with_label_values(&[kind]).set(0);
         }
-        for o in PROBE_OUTCOMES {
-            m.probe_outcome.with_label_values(&[o]).set(0);
+        for o in ProbeOutcome::ALL {
+            m.probe_outcome.with_label_values(&[o.label()]).set(0);
         }
         // Every bounded label set exists from the first scrape, so rate() and increase()
         // see the first event.
@@ -319,7 +316,14 @@ impl Metrics {
                 }
             }
         }
-        for file in ["credentials", "htpasswd", "token_key", "upstream_ca", "tls"] {
+        for file in [
+            "credentials",
+            "htpasswd",
+            "token_key",
+            "upstream_ca",
+            "tls",
+            "s3_keys",
+        ] {
             for result in ["ok", "error"] {
                 m.config_reloads
                     .with_label_values(&[file, result])

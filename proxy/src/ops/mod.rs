@@ -7,10 +7,11 @@
 //! - [`access_log`]: the per-request middleware (metrics and one log line when the body
 //!   ends).
 //! - [`notes`]: what a handler learns about a request for that log line.
-//! - [`health`]: the plain-HTTP ops port (`/metrics`, `/healthz`, `/readyz`) and the probe
-//!   state `/readyz` reports.
+//! - [`probe_state`]: the upstream probe's typed outcome, the state `/readyz` reports.
+//! - [`health`]: the plain-HTTP ops port (`/metrics`, `/healthz`, `/readyz`).
 
 pub(crate) mod access_log;
 pub(crate) mod health;
 pub(crate) mod metrics;
 pub(crate) mod notes;
+pub(crate) mod probe_state;

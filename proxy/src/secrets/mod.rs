@@ -109,16 +109,18 @@ pub(crate) fn spawn_reloader(
         });
     }
     if let (Some(files), Some(cert)) = (&config.tls, &r.cert) {
-        // A Secret update swaps certificate and key together; watching both and
-        // loading the pair on either change installs the new pair once both match.
-        for (path, what) in [
-            (&files.cert, "serving certificate"),
-            (&files.key, "serving key"),
-        ] {
-            let (cert, metrics) = (cert.clone(), r.metrics.clone());
-            let (cp, kp) = (files.cert.clone(), files.key.clone());
-            w.watch_loaded(path, what, &loaded(path), move |_| {
-                let res = crate::inputs::load_certified_key(&cp, &kp)
+        // A Secret update swaps certificate and key together; the watcher reads both and
+        // hands them over at once, so the pair is installed once both match.
+        let (cert, metrics) = (cert.clone(), r.metrics.clone());
+        let (cp, kp) = (files.cert.clone(), files.key.clone());
+        let loaded_pair = [loaded(&cp), loaded(&kp)];
+        let [lc, lk] = &loaded_pair;
+        w.watch_pair_loaded(
+            [cp, kp],
+            "serving certificate and key",
+            [lc, lk],
+            move |c, k| {
+                let res = crate::inputs::certified_key_from_pem(c, k)
                     .map(|ck| {
                         metrics
                             .cert_expiry
@@ -128,35 +130,36 @@ pub(crate) fn spawn_reloader(
                     .map_err(Reason::from);
                 counted(&metrics, "tls", &res);
                 res
-            });
-        }
+            },
+        );
     }
     if let (Some(s3), Some(tier)) = (&r.s3, &config.cluster.s3) {
-        // Either file changing reloads the pair, as with the serving certificate.
+        // Either file changing reloads the pair; the watcher reads both (off the runtime's
+        // threads), so the callback does no I/O and never installs half of a swap.
         let (ak, sk) = (tier.access_key_file.clone(), tier.secret_key_file.clone());
-        for (path, what) in [(&ak, "S3 access key"), (&sk, "S3 secret key")] {
-            let (s3, metrics) = (s3.clone(), r.metrics.clone());
-            let (ak, sk) = (ak.clone(), sk.clone());
-            w.watch_loaded(path, what, &loaded(path), move |_| {
-                let read = |p: &std::path::Path| {
-                    std::fs::read_to_string(p)
-                        .ok()
-                        .map(|s| s.trim().to_owned())
-                        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
-                };
-                let res = match (read(&ak), read(&sk)) {
-                    (Some(a), Some(s)) => {
-                        s3.set(&a, &s);
-                        Ok(())
-                    }
-                    _ => Err(Reason::from(
-                        "the S3 key pair has an empty or unreadable key file",
-                    )),
-                };
-                counted(&metrics, "s3_keys", &res);
-                res
-            });
-        }
+        let (s3, metrics) = (s3.clone(), r.metrics.clone());
+        let loaded_pair = [loaded(&ak), loaded(&sk)];
+        let [la, ls] = &loaded_pair;
+        w.watch_pair_loaded([ak, sk], "S3 key pair", [la, ls], move |a, s| {
+            let key = |b: &[u8]| {
+                std::str::from_utf8(b)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty() && !k.contains(char::is_whitespace))
+                    .map(str::to_owned)
+            };
+            let res = match (key(a), key(s)) {
+                (Some(a), Some(s)) => {
+                    s3.set(&a, &s);
+                    Ok(())
+                }
+                _ => Err(Reason::from(
+                    "the S3 key pair has an empty or unreadable key file",
+                )),
+            };
+            counted(&metrics, "s3_keys", &res);
+            res
+        });
     }
     w.spawn(tasks, shutdown);
 }

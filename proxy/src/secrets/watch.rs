@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use registry_oci::sha256;
+use registry_oci::Sha256Hasher;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,15 +38,19 @@ pub(crate) struct SecretError {
     pub(crate) reason: Reason,
 }
 
-/// Parses and installs a file's new content. Runs on the watcher task: keep it quick
-/// (parsing a key or an htpasswd file is), do no blocking I/O.
-type OnChange = Box<dyn FnMut(&[u8]) -> Result<(), Reason> + Send>;
+/// Parses and installs new content, one slice per watched path. Runs on the watcher task:
+/// keep it quick (parsing a key or an htpasswd file is), do no blocking I/O; the watcher
+/// has read every file it needs.
+type OnChange = Box<dyn FnMut(&[Vec<u8>]) -> Result<(), Reason> + Send>;
 
+/// Files installed together (one, or a pair such as an S3 key pair): a change of any
+/// hands the current content of all to the callback at once.
 struct Watched {
-    path: PathBuf,
+    /// The first names the entry in logs.
+    paths: Vec<PathBuf>,
     what: &'static str,
     on_change: OnChange,
-    /// Hash of the last content handed to the callback (or loaded by the caller).
+    /// Hash of the last contents handed to the callback (or loaded by the caller).
     seen: Option<[u8; 32]>,
     /// A read failure is reported once until the file is readable again.
     read_failing: bool,
@@ -64,7 +68,7 @@ impl std::fmt::Debug for FileWatcher {
             .field("interval", &self.interval)
             .field(
                 "files",
-                &self.files.iter().map(|w| &w.path).collect::<Vec<_>>(),
+                &self.files.iter().map(|w| &w.paths).collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -85,12 +89,14 @@ impl FileWatcher {
         &mut self,
         path: impl Into<PathBuf>,
         what: &'static str,
-        on_change: impl FnMut(&[u8]) -> Result<(), Reason> + Send + 'static,
+        mut on_change: impl FnMut(&[u8]) -> Result<(), Reason> + Send + 'static,
     ) -> &mut Self {
         self.files.push(Watched {
-            path: path.into(),
+            paths: vec![path.into()],
             what,
-            on_change: Box::new(on_change),
+            on_change: Box::new(move |all: &[Vec<u8>]| {
+                on_change(all.first().map_or(&[][..], Vec::as_slice))
+            }),
             seen: None,
             read_failing: false,
         });
@@ -109,8 +115,31 @@ impl FileWatcher {
     ) -> &mut Self {
         self.watch(path, what, on_change);
         if let Some(w) = self.files.last_mut() {
-            w.seen = Some(sha256(loaded));
+            w.seen = Some(sha256_all(&[loaded]));
         }
+        self
+    }
+
+    /// Watches two files installed together, whose contents `loaded` the caller has
+    /// already installed: when either changes, `on_change` gets both as they are now,
+    /// in one call, so a Secret swapping both never installs a mixed pair.
+    pub(crate) fn watch_pair_loaded(
+        &mut self,
+        paths: [PathBuf; 2],
+        what: &'static str,
+        loaded: [&[u8]; 2],
+        mut on_change: impl FnMut(&[u8], &[u8]) -> Result<(), Reason> + Send + 'static,
+    ) -> &mut Self {
+        self.files.push(Watched {
+            paths: paths.into(),
+            what,
+            on_change: Box::new(move |all: &[Vec<u8>]| match all {
+                [a, b] => on_change(a, b),
+                _ => Err("a pair of files expected".into()),
+            }),
+            seen: Some(sha256_all(&loaded)),
+            read_failing: false,
+        });
         self
     }
 
@@ -118,36 +147,24 @@ impl FileWatcher {
     pub(crate) async fn poll(&mut self) -> usize {
         let mut applied = 0;
         for w in &mut self.files {
-            let bytes = match read_limited(&w.path).await {
-                Ok(b) => {
-                    if w.read_failing {
-                        tracing::info!(path = %w.path.display(), what = w.what, "file readable again");
-                        w.read_failing = false;
-                    }
-                    b
-                }
-                Err(e) => {
-                    if !w.read_failing {
-                        tracing::warn!(path = %w.path.display(), what = w.what, error = %e, "cannot read watched file; keeping the previous value");
-                        w.read_failing = true;
-                    }
-                    continue;
-                }
+            let Some(contents) = read_all(w).await else {
+                continue;
             };
-            let hash = sha256(&bytes);
+            let hash = sha256_all(&contents);
             if w.seen == Some(hash) {
                 continue;
             }
             w.seen = Some(hash);
-            match (w.on_change)(&bytes) {
+            let path = w.paths.first().cloned().unwrap_or_default();
+            match (w.on_change)(&contents) {
                 Ok(()) => {
                     applied += 1;
-                    tracing::info!(path = %w.path.display(), what = w.what, "reloaded");
+                    tracing::info!(path = %path.display(), what = w.what, "reloaded");
                 }
                 Err(reason) => {
                     let e = SecretError {
                         what: w.what,
-                        path: w.path.clone(),
+                        path,
                         reason,
                     };
                     tracing::warn!(error = %e, "new content rejected; keeping the previous value");
@@ -174,6 +191,44 @@ impl FileWatcher {
     }
 }
 
+/// Reads every file of `w`; `None` when one fails (reported once until readable again)
+/// or, for several files, while a swap is under way.
+async fn read_all(w: &mut Watched) -> Option<Vec<Vec<u8>>> {
+    let first = read_once(w).await?;
+    if w.paths.len() > 1 {
+        // A Secret swap (`..data` retargeted) between the reads of two files would hand
+        // over a mixed pair: take the set only when a second pass reads the same; the
+        // next poll sees the settled swap.
+        let again = read_once(w).await?;
+        if again != first {
+            return None;
+        }
+    }
+    Some(first)
+}
+
+async fn read_once(w: &mut Watched) -> Option<Vec<Vec<u8>>> {
+    let mut contents = Vec::with_capacity(w.paths.len());
+    for path in &w.paths {
+        match read_limited(path).await {
+            Ok(b) => contents.push(b),
+            Err(e) => {
+                if !w.read_failing {
+                    tracing::warn!(path = %path.display(), what = w.what, error = %e, "cannot read watched file; keeping the previous value");
+                    w.read_failing = true;
+                }
+                return None;
+            }
+        }
+    }
+    if w.read_failing {
+        let path = w.paths.first().map(|p| p.display().to_string());
+        tracing::info!(path, what = w.what, "file readable again");
+        w.read_failing = false;
+    }
+    Some(contents)
+}
+
 /// Reads a file through its symlinks, refusing files over [`MAX_FILE_LEN`].
 async fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
     use tokio::io::AsyncReadExt as _;
@@ -188,6 +243,18 @@ async fn read_limited(path: &Path) -> std::io::Result<Vec<u8>> {
         ));
     }
     Ok(buf)
+}
+
+/// One hash over several contents, each length-prefixed so that moving bytes from one
+/// file to the next is a change.
+fn sha256_all<B: AsRef<[u8]>>(parts: &[B]) -> [u8; 32] {
+    let mut h = Sha256Hasher::new();
+    for p in parts {
+        let p = p.as_ref();
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finish()
 }
 
 #[cfg(test)]
@@ -290,6 +357,53 @@ mod tests {
             "same content after a blip is not re-applied"
         );
         assert_eq!(*seen.lock().unwrap(), ["ok-a"]);
+    }
+
+    #[tokio::test]
+    async fn a_pair_is_handed_over_whole_once_per_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"a1").unwrap();
+        std::fs::write(&b, b"b1").unwrap();
+        let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let mut w = FileWatcher::new(Duration::from_millis(10));
+        w.watch_pair_loaded(
+            [a.clone(), b.clone()],
+            "test pair",
+            [b"a1", b"b1"],
+            move |x, y| {
+                let pair = format!(
+                    "{}+{}",
+                    String::from_utf8_lossy(x),
+                    String::from_utf8_lossy(y)
+                );
+                if pair.contains("bad") {
+                    return Err("bad".into());
+                }
+                s.lock().unwrap().push(pair);
+                Ok(())
+            },
+        );
+        assert_eq!(w.poll().await, 0, "the loaded pair is not re-applied");
+        // Both files replaced before the next poll: one call with both new halves, never
+        // a mixed pair.
+        std::fs::write(&a, b"a2").unwrap();
+        std::fs::write(&b, b"b2").unwrap();
+        assert_eq!(w.poll().await, 1);
+        // One half changed: the other is handed over as it is.
+        std::fs::write(&b, b"b3").unwrap();
+        assert_eq!(w.poll().await, 1);
+        // Bytes moved from one file to the other are a change.
+        std::fs::write(&a, b"a2b").unwrap();
+        std::fs::write(&b, b"3").unwrap();
+        assert_eq!(w.poll().await, 1);
+        // A missing half: nothing installed, no call.
+        std::fs::remove_file(&b).unwrap();
+        assert_eq!(w.poll().await, 0);
+        std::fs::write(&b, b"bad").unwrap();
+        assert_eq!(w.poll().await, 0, "refused by the callback");
+        assert_eq!(*seen.lock().unwrap(), ["a2+b2", "a2+b3", "a2b+3"]);
     }
 
     #[tokio::test]

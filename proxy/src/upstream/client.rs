@@ -10,6 +10,7 @@
 //! scope, the manifest `Accept` list and the mapping of error statuses are written here
 //! once.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,20 +114,38 @@ impl Upstream {
         .await
     }
 
-    /// A blob, whole or the part the forwarded `Range` names; error statuses mapped.
-    pub(crate) async fn blob(
+    /// `method` for `what` in upstream repository `repo`, error statuses mapped (a 404
+    /// by what was asked for). For a blob, the forwarded `Range` names the part; manifests
+    /// are asked for with the full `Accept` list unless the client sent its own.
+    pub(crate) async fn fetch(
         &self,
         method: &Method,
         repo: &str,
-        digest: &Digest,
+        what: Resource<'_>,
         headers: &HeaderMap,
         ctx: &RequestContext,
     ) -> Result<reqwest::Response, ApiError> {
-        let path = format!("{repo}/blobs/{digest}");
+        let headers =
+            if matches!(what, Resource::Manifest(_)) && !headers.contains_key(header::ACCEPT) {
+                let mut fwd = headers.clone();
+                fwd.insert(
+                    header::ACCEPT,
+                    HeaderValue::from_static(registry_oci::media::MANIFEST_ACCEPT),
+                );
+                Cow::Owned(fwd)
+            } else {
+                Cow::Borrowed(headers)
+            };
         let resp = self
-            .send(method.clone(), &path, headers, Some(&scope(repo)), ctx)
+            .send(
+                method.clone(),
+                &what.path(repo),
+                &headers,
+                Some(&scope(repo)),
+                ctx,
+            )
             .await?;
-        map_status(resp, NotFound::Blob)
+        map_status(resp, what.not_found())
     }
 
     /// `GET` of a blob from `offset` on (`Range: bytes=<offset>-` past 0), for fills.
@@ -143,85 +162,8 @@ impl Upstream {
         {
             headers.insert(header::RANGE, v);
         }
-        self.blob(&Method::GET, repo, digest, &headers, ctx).await
-    }
-
-    /// A manifest by tag or digest, any status; the full `Accept` list unless the client
-    /// sent its own.
-    pub(crate) async fn manifest_any_status(
-        &self,
-        method: &Method,
-        repo: &str,
-        reference: &str,
-        headers: &HeaderMap,
-        ctx: &RequestContext,
-    ) -> Result<reqwest::Response, ApiError> {
-        let path = format!("{repo}/manifests/{reference}");
-        let mut fwd = headers.clone();
-        if !fwd.contains_key(header::ACCEPT) {
-            fwd.insert(
-                header::ACCEPT,
-                HeaderValue::from_static(registry_oci::media::MANIFEST_ACCEPT),
-            );
-        }
-        self.send(method.clone(), &path, &fwd, Some(&scope(repo)), ctx)
+        self.fetch(&Method::GET, repo, Resource::Blob(digest), &headers, ctx)
             .await
-    }
-
-    /// [`Upstream::manifest_any_status`] with error statuses mapped.
-    pub(crate) async fn manifest(
-        &self,
-        method: &Method,
-        repo: &str,
-        reference: &str,
-        headers: &HeaderMap,
-        ctx: &RequestContext,
-    ) -> Result<reqwest::Response, ApiError> {
-        let resp = self
-            .manifest_any_status(method, repo, reference, headers, ctx)
-            .await?;
-        map_status(resp, NotFound::Manifest)
-    }
-
-    /// `GET <repo>/tags/list[?query]`, any status.
-    pub(crate) async fn tags_any_status(
-        &self,
-        repo: &str,
-        query: Option<&str>,
-        headers: &HeaderMap,
-        ctx: &RequestContext,
-    ) -> Result<reqwest::Response, ApiError> {
-        let path = with_query(format!("{repo}/tags/list"), query);
-        self.send(Method::GET, &path, headers, Some(&scope(repo)), ctx)
-            .await
-    }
-
-    /// [`Upstream::tags_any_status`] with error statuses mapped.
-    pub(crate) async fn tags(
-        &self,
-        repo: &str,
-        query: Option<&str>,
-        headers: &HeaderMap,
-        ctx: &RequestContext,
-    ) -> Result<reqwest::Response, ApiError> {
-        let resp = self.tags_any_status(repo, query, headers, ctx).await?;
-        map_status(resp, NotFound::Name)
-    }
-
-    /// `GET <repo>/referrers/<digest>[?query]`; error statuses mapped.
-    pub(crate) async fn referrers(
-        &self,
-        repo: &str,
-        digest: &Digest,
-        query: Option<&str>,
-        headers: &HeaderMap,
-        ctx: &RequestContext,
-    ) -> Result<reqwest::Response, ApiError> {
-        let path = with_query(format!("{repo}/referrers/{digest}"), query);
-        let resp = self
-            .send(Method::GET, &path, headers, Some(&scope(repo)), ctx)
-            .await?;
-        map_status(resp, NotFound::Manifest)
     }
 
     /// Sends `method` to `/v2/{path_and_query}` with the client's forwardable headers.
@@ -363,15 +305,47 @@ fn auth_error(e: registry_auth::Error) -> ApiError {
     }
 }
 
+/// What a request asks of one upstream repository; `query` is passed on as it is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Resource<'a> {
+    Blob(&'a Digest),
+    /// By tag or digest.
+    Manifest(&'a str),
+    Tags {
+        query: Option<&'a str>,
+    },
+    Referrers {
+        digest: &'a Digest,
+        query: Option<&'a str>,
+    },
+}
+
+impl Resource<'_> {
+    /// The path below `/v2/`.
+    fn path(self, repo: &str) -> String {
+        let (path, query) = match self {
+            Self::Blob(d) => (format!("{repo}/blobs/{d}"), None),
+            Self::Manifest(r) => (format!("{repo}/manifests/{r}"), None),
+            Self::Tags { query } => (format!("{repo}/tags/list"), query),
+            Self::Referrers { digest, query } => (format!("{repo}/referrers/{digest}"), query),
+        };
+        match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }
+    }
+
+    /// What an upstream 404 means for it.
+    fn not_found(self) -> NotFound {
+        match self {
+            Self::Blob(_) => NotFound::Blob,
+            Self::Manifest(_) | Self::Referrers { .. } => NotFound::Manifest,
+            Self::Tags { .. } => NotFound::Name,
+        }
+    }
+}
+
 /// The token scope of a pull from `repo`.
 fn scope(repo: &str) -> String {
     format!("repository:{repo}:pull")
-}
-
-fn with_query(mut path: String, query: Option<&str>) -> String {
-    if let Some(q) = query {
-        path.push('?');
-        path.push_str(q);
-    }
-    path
 }

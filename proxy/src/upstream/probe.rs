@@ -18,10 +18,11 @@ use http::{HeaderMap, Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, Kind};
-use crate::ops::health::{Probe, ProbeStatus};
-use crate::ops::metrics::{Metrics, PROBE_OUTCOMES};
+use crate::ops::metrics::Metrics;
 use crate::ops::notes::RequestContext;
+use crate::ops::probe_state::{Probe, ProbeOutcome, ProbeStatus, Serving};
 use crate::upstream::Upstream;
+use crate::upstream::client::Resource;
 
 fn now_unix() -> u64 {
     SystemTime::now()
@@ -29,24 +30,27 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Maps a failed step to its outcome label, by the error's kind.
-fn classify(e: &ApiError) -> &'static str {
+/// Maps a failed step to its outcome, by the error's kind.
+fn classify(e: &ApiError) -> ProbeOutcome {
     if e.is_not_found() {
-        return "not_found";
+        return ProbeOutcome::NotFound;
     }
     match e.kind() {
-        Kind::Denied | Kind::TokenService => "auth",
-        Kind::Tls => "tls",
-        _ => "unreachable",
+        Kind::Denied | Kind::TokenService => ProbeOutcome::Auth,
+        Kind::Tls => ProbeOutcome::Tls,
+        _ => ProbeOutcome::Unreachable,
     }
 }
+
+/// A failed probe: its outcome and what failed, for operators.
+type Failure = (ProbeOutcome, String);
 
 /// One probe round trip.
 async fn probe_once(
     upstream: &Upstream,
     repo: &str,
     reference: Option<&str>,
-) -> Result<(), (&'static str, String)> {
+) -> Result<(), Failure> {
     let fail = |step: &str, e: ApiError| (classify(&e), format!("{step}: {}", e.message()));
     let empty = HeaderMap::new();
     // Nobody logs the probe's notes; its result goes to `/readyz` and the metrics.
@@ -54,13 +58,19 @@ async fn probe_once(
     let resp = upstream.ping().await.map_err(|e| fail("GET /v2/", e))?;
     check_status(resp.status(), "GET /v2/")?;
     let resp = upstream
-        .tags_any_status(repo, Some("n=1"), &empty, &ctx)
+        .fetch(
+            &Method::GET,
+            repo,
+            Resource::Tags { query: Some("n=1") },
+            &empty,
+            &ctx,
+        )
         .await
         .map_err(|e| fail("tags/list", e))?;
     check_status(resp.status(), &format!("GET {repo}/tags/list"))?;
     if let Some(tag) = reference {
         let resp = upstream
-            .manifest_any_status(&Method::HEAD, repo, tag, &empty, &ctx)
+            .fetch(&Method::HEAD, repo, Resource::Manifest(tag), &empty, &ctx)
             .await
             .map_err(|e| fail("manifest HEAD", e))?;
         check_status(resp.status(), &format!("HEAD {repo}/manifests/{tag}"))?;
@@ -68,13 +78,16 @@ async fn probe_once(
     Ok(())
 }
 
-fn check_status(status: StatusCode, step: &str) -> Result<(), (&'static str, String)> {
-    match status.as_u16() {
-        200..=299 => Ok(()),
-        401 | 403 => Err(("auth", format!("{step}: upstream answered {status}"))),
-        404 => Err(("not_found", format!("{step}: upstream answered {status}"))),
-        _ => Err(("unreachable", format!("{step}: upstream answered {status}"))),
-    }
+/// Error statuses arrive as typed errors (classified by kind); what is left here are the
+/// statuses passed on verbatim (other 4xx) and the unmapped `GET /v2/`.
+fn check_status(status: StatusCode, step: &str) -> Result<(), Failure> {
+    let outcome = match status.as_u16() {
+        200..=299 => return Ok(()),
+        401 | 403 => ProbeOutcome::Auth,
+        404 => ProbeOutcome::NotFound,
+        _ => ProbeOutcome::Unreachable,
+    };
+    Err((outcome, format!("{step}: upstream answered {status}")))
 }
 
 /// Runs the probe until `shutdown`.
@@ -93,12 +106,13 @@ pub(crate) async fn run(
             () = shutdown.cancelled() => return,
             r = tokio::time::timeout(interval.max(Duration::from_secs(5)), probe_once(&upstream, &repo, reference.as_deref())) => r,
         };
-        let result = result.unwrap_or_else(|_| Err(("unreachable", "probe timed out".to_owned())));
+        let result = result
+            .unwrap_or_else(|_| Err((ProbeOutcome::Unreachable, "probe timed out".to_owned())));
         let previous = probe.status();
         let now = now_unix();
         let status = match result {
             Ok(()) => ProbeStatus {
-                outcome: "ok",
+                outcome: ProbeOutcome::Ok,
                 message: String::new(),
                 checked_at: now,
                 last_success: now,
@@ -111,19 +125,19 @@ pub(crate) async fn run(
             },
         };
         if status.outcome != previous.outcome {
-            if status.outcome == "ok" {
+            if status.outcome == ProbeOutcome::Ok {
                 tracing::info!(
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "upstream probe ok"
                 );
             } else {
-                tracing::warn!(outcome = status.outcome, detail = %status.message, "upstream probe failing");
+                tracing::warn!(outcome = status.outcome.label(), detail = %status.message, "upstream probe failing");
             }
         }
-        for o in PROBE_OUTCOMES {
+        for o in ProbeOutcome::ALL {
             metrics
                 .probe_outcome
-                .with_label_values(&[o])
+                .with_label_values(&[o.label()])
                 .set(i64::from(o == status.outcome));
         }
         metrics
@@ -131,7 +145,7 @@ pub(crate) async fn run(
             .set(i64::try_from(status.last_success).unwrap_or(0));
         metrics
             .serving_cache_only
-            .set(i64::from(status.serving() == "cache-only"));
+            .set(i64::from(status.outcome.serving() == Serving::CacheOnly));
         probe.set(status);
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -146,23 +160,29 @@ mod tests {
 
     #[test]
     fn classification() {
-        assert_eq!(classify(&ApiError::upstream_denied(401)), "auth");
+        assert_eq!(
+            classify(&ApiError::upstream_denied(401)),
+            ProbeOutcome::Auth
+        );
         assert_eq!(
             classify(&ApiError::upstream_not_found("NAME_UNKNOWN", "x")),
-            "not_found"
+            ProbeOutcome::NotFound
         );
         assert_eq!(
             classify(&ApiError::upstream_tls(
                 "connection failed: invalid peer certificate: UnknownIssuer"
             )),
-            "tls"
+            ProbeOutcome::Tls
         );
         assert_eq!(
             classify(&ApiError::upstream_unreachable(
                 "connection failed: connection refused"
             )),
-            "unreachable"
+            ProbeOutcome::Unreachable
         );
-        assert_eq!(classify(&ApiError::upstream_timeout()), "unreachable");
+        assert_eq!(
+            classify(&ApiError::upstream_timeout()),
+            ProbeOutcome::Unreachable
+        );
     }
 }

@@ -5,8 +5,8 @@ use super::*;
 #[tokio::test]
 async fn malformed_authorization_is_a_clean_401() {
     let (up, _img) = upstream().await;
-    let lic = SecretDir::new(&[("license", LIC.as_bytes())]);
-    let px = start_proxy(&args(&up, &s(&["--license-file", &lic.arg("license")]))).await;
+    let (_lic, files) = SecretDir::for_flags(&[LICENSE]);
+    let px = start_proxy(&args(&up, &files)).await;
     let c = test_client();
     let url = px.url(&manifest_path());
     let long = "A".repeat(20_000);
@@ -77,12 +77,7 @@ async fn malformed_authorization_is_a_clean_401() {
         "{}",
         r.status()
     );
-    let malformed = metric(
-        &px,
-        "registry_proxy_client_auth_total",
-        &[("result", "malformed")],
-    )
-    .await;
+    let malformed = client_auth(&px, "malformed").await;
     assert!(malformed >= 1.0, "malformed counter {malformed}");
     // Token endpoint junk: oversize form, bad query.
     let r = c
@@ -113,8 +108,8 @@ async fn malformed_authorization_is_a_clean_401() {
 #[tokio::test]
 async fn raw_bytes_non_utf8_and_oversize_headers() {
     let (up, _img) = upstream().await;
-    let lic = SecretDir::new(&[("license", LIC.as_bytes())]);
-    let px = start_proxy(&args(&up, &s(&["--license-file", &lic.arg("license")]))).await;
+    let (_lic, files) = SecretDir::for_flags(&[LICENSE]);
+    let px = start_proxy(&args(&up, &files)).await;
     let path = manifest_path();
     let req = |auth: &[u8]| -> Vec<u8> {
         let mut r = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: ").into_bytes();
@@ -164,23 +159,8 @@ async fn raw_bytes_non_utf8_and_oversize_headers() {
 async fn tls_garbage_closes_the_handshake() {
     let (up, _img) = upstream().await;
     let p = pki("g", 2031);
-    let dir = SecretDir::new(&[
-        ("license", LIC.as_bytes()),
-        ("tls.crt", p.leaf_pem.as_bytes()),
-        ("tls.key", p.key_pem.as_bytes()),
-    ]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &dir.arg("license"),
-            "--tls-cert",
-            &dir.arg("tls.crt"),
-            "--tls-key",
-            &dir.arg("tls.key"),
-        ]),
-    ))
-    .await;
+    let (_dir, files) = SecretDir::for_flags(&licensed_tls(&p));
+    let px = start_proxy(&args(&up, &files)).await;
     let mut garbage: Vec<Vec<u8>> = vec![
         b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
         registry_tests::random_bytes(4096).to_vec(),

@@ -5,8 +5,8 @@ use super::*;
 #[tokio::test]
 async fn challenge_format_and_realm_from_host() {
     let (up, _img) = upstream().await;
-    let lic = SecretDir::new(&[("license", LIC.as_bytes())]);
-    let px = start_proxy(&args(&up, &s(&["--license-file", &lic.arg("license")]))).await;
+    let (_lic, files) = SecretDir::for_flags(&[LICENSE]);
+    let px = start_proxy(&args(&up, &files)).await;
     let c = test_client();
     let realm = format!("http://{}/auth/token", px.addr);
 
@@ -68,29 +68,26 @@ async fn challenge_format_and_realm_from_host() {
     assert!(!ch.contains("evil"), "hostile Host echoed: {ch}");
     assert_eq!(ch.matches('"').count(), 4, "challenge quoting broken: {ch}");
 
-    let challenged = metric(
-        &px,
-        "registry_proxy_client_auth_total",
-        &[("result", "challenged")],
-    )
-    .await;
+    let challenged = client_auth(&px, "challenged").await;
     assert!(challenged >= 6.0, "challenged counter {challenged}");
 }
 
 #[tokio::test]
 async fn realm_names_only_the_proxys_own_addresses() {
     let (up, _img) = upstream().await;
-    let lic = SecretDir::new(&[("license", LIC.as_bytes())]);
+    let (_lic, files) = SecretDir::for_flags(&[LICENSE]);
     // A node dials the Service's ClusterIP, a pod the Service name: both are the proxy's own
     // names (the controller passes them), nothing else is.
     let px = start_proxy(&args(
         &up,
-        &s(&[
-            "--license-file",
-            &lic.arg("license"),
-            "--realm-hosts",
-            "registry.d8-system.svc:5001,10.96.0.50:5001",
-        ]),
+        &[
+            files,
+            s(&[
+                "--realm-hosts",
+                "registry.d8-system.svc:5001,10.96.0.50:5001",
+            ]),
+        ]
+        .concat(),
     ))
     .await;
     let c = test_client();
@@ -175,8 +172,9 @@ fn realm_hosts_are_validated() {
 #[tokio::test]
 async fn token_endpoint_get_post_and_use() {
     let (up, img) = upstream().await;
-    let lic = SecretDir::new(&[("license", format!("{LIC}\n").as_bytes())]);
-    let px = start_proxy(&args(&up, &s(&["--license-file", &lic.arg("license")]))).await;
+    let (_lic, files) =
+        SecretDir::for_flags(&[("--license-file", "license", format!("{LIC}\n").as_bytes())]);
+    let px = start_proxy(&args(&up, &files)).await;
     let c = test_client();
     let base = format!("http://{}", px.addr);
 
@@ -311,22 +309,17 @@ async fn token_endpoint_get_post_and_use() {
     let r = get(&c, &px.url(&manifest_path()), Some(&basic(USER, LIC))).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap(), img.manifest.data);
-    let ok = metric(&px, "registry_proxy_client_auth_total", &[("result", "ok")]).await;
+    let ok = client_auth(&px, "ok").await;
     assert!(ok >= 8.0, "ok counter {ok}");
-    let issued = metric(
-        &px,
-        "registry_proxy_client_auth_total",
-        &[("result", "token_issued")],
-    )
-    .await;
+    let issued = client_auth(&px, "token_issued").await;
     assert!(issued >= 4.0, "token_issued counter {issued}");
 }
 
 #[tokio::test]
 async fn bad_credentials_are_refused() {
     let (up, _img) = upstream().await;
-    let lic = SecretDir::new(&[("license", LIC.as_bytes())]);
-    let px = start_proxy(&args(&up, &s(&["--license-file", &lic.arg("license")]))).await;
+    let (_lic, files) = SecretDir::for_flags(&[LICENSE]);
+    let px = start_proxy(&args(&up, &files)).await;
     let c = test_client();
     let base = format!("http://{}", px.addr);
 
@@ -388,17 +381,8 @@ async fn anonymous_upstream_needs_no_client_credentials() {
     let r = get(&c, &px.url(&manifest_path()), Some(&basic("x", "y"))).await;
     assert_eq!(r.status(), StatusCode::OK);
     // --client-auth none with upstream credentials: also open.
-    let lic = SecretDir::new(&[("license", LIC.as_bytes())]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &lic.arg("license"),
-            "--client-auth",
-            "none",
-        ]),
-    ))
-    .await;
+    let (_lic, files) = SecretDir::for_flags(&[LICENSE]);
+    let px = start_proxy(&args(&up, &[files, s(&["--client-auth", "none"])].concat())).await;
     let r = get(&c, &px.url(&manifest_path()), None).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap(), img.manifest.data);

@@ -13,19 +13,11 @@ async fn trace_logs_never_contain_secrets() {
     let img = Image::random(&[64, 1024]);
     up.push_image(UPSTREAM_REPO, Some("v1"), &img);
     let (key_pem, _, _) = ec_key();
-    let dir = SecretDir::new(&[
-        ("license", format!("{LIC}\n").as_bytes()),
-        ("token.key", key_pem.as_bytes()),
+    let (_dir, files) = SecretDir::for_flags(&[
+        ("--license-file", "license", format!("{LIC}\n").as_bytes()),
+        ("--token-key-file", "token.key", key_pem.as_bytes()),
     ]);
-    let (captured, rx, stop, th) = traced_proxy(args(
-        &up,
-        &s(&[
-            "--license-file",
-            &dir.arg("license"),
-            "--token-key-file",
-            &dir.arg("token.key"),
-        ]),
-    ));
+    let (captured, rx, stop, th) = traced_proxy(args(&up, &files));
     let (addr, metrics_addr) = tokio::time::timeout(T, rx).await.unwrap().unwrap();
     let c = test_client();
     let base = format!("http://{addr}");

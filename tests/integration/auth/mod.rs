@@ -4,8 +4,8 @@
 //! Basic on `/v2/`), token checks (scope, expiry, signature, `alg=none`, another key),
 //! replicas sharing `--token-key-file`, anonymous upstream, htpasswd mode, the credential
 //! grace window across a Kubernetes-style symlink swap, live reload of every secret file
-//! (license, htpasswd, token key, upstream CA, serving certificate), bad input at the HTTP
-//! and TLS layers, and log hygiene at trace level.
+//! (license, htpasswd, token key, upstream CA, serving certificate, S3 key pair), bad input
+//! at the HTTP and TLS layers, and log hygiene at trace level.
 //!
 //! One module per concern; what several share is here, what any test may use is in
 //! `registry_tests` (`pki`, `jwt`, `secret_dir`, `metrics`, `trace_capture`).
@@ -27,8 +27,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use registry_tests::jwt::{ec_key, es256_verifies, jwt_encode, jwt_parts, rsa_key_pem, sign_es256};
 use registry_tests::metrics::metric;
-use registry_tests::pki::{HOST, handshake, https_base, https_client, pki, tls_config};
-use registry_tests::secret_dir::SecretDir;
+use registry_tests::pki::{HOST, Pki, handshake, https_base, https_client, pki, tls_config};
+use registry_tests::secret_dir::{SecretDir, SecretFlag};
 use registry_tests::trace_capture::traced_proxy;
 use registry_tests::{
     FakeUpstream, Image, ProxyHandle, content::OCI_MANIFEST, fake_upstream::UPSTREAM_REPO,
@@ -54,6 +54,24 @@ const IN_GRACE: Duration = Duration::from_secs(4);
 const AFTER_GRACE: Duration = Duration::from_millis(6500);
 
 // ------------------------------------------------------------------ helpers
+
+/// The license as a Secret file (`--license-file`).
+const LICENSE: SecretFlag<'static> = ("--license-file", "license", LIC.as_bytes());
+
+/// `files` plus the reload tests' grace window and a fast reload interval.
+fn reloading(files: Vec<String>) -> Vec<String> {
+    [
+        files,
+        s(&["--credential-grace", GRACE, "--reload-interval", "100ms"]),
+    ]
+    .concat()
+}
+
+/// The license and `p`'s serving certificate and key, as Secret files.
+fn licensed_tls(p: &Pki) -> [SecretFlag<'_>; 3] {
+    let [cert, key] = p.tls_flags();
+    [LICENSE, cert, key]
+}
 
 fn basic(user: &str, pass: &str) -> String {
     format!("Basic {}", STANDARD.encode(format!("{user}:{pass}")))
@@ -180,6 +198,15 @@ async fn wait_reload(px: &ProxyHandle, file: &str, result: &str, above: f64) -> 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+/// `registry_proxy_client_auth_total{result}`.
+async fn client_auth(px: &ProxyHandle, result: &str) -> f64 {
+    metric(
+        px,
+        "registry_proxy_client_auth_total",
+        &[("result", result)],
+    )
+    .await
 }
 async fn reloads(px: &ProxyHandle, file: &str, result: &str) -> f64 {
     metric(

@@ -5,23 +5,10 @@ use super::*;
 #[tokio::test]
 async fn htpasswd_mode_and_reload() {
     let (up, img) = upstream().await;
-    let mut dir = SecretDir::new(&[("htpasswd", ALICE.as_bytes()), ("license", LIC.as_bytes())]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &dir.arg("license"),
-            "--client-auth",
-            "htpasswd",
-            "--htpasswd-file",
-            &dir.arg("htpasswd"),
-            "--credential-grace",
-            GRACE,
-            "--reload-interval",
-            "100ms",
-        ]),
-    ))
-    .await;
+    let (mut dir, files) =
+        SecretDir::for_flags(&[LICENSE, ("--htpasswd-file", "htpasswd", ALICE.as_bytes())]);
+    let flags = [reloading(files), s(&["--client-auth", "htpasswd"])].concat();
+    let px = start_proxy(&args(&up, &flags)).await;
     let c = test_client();
     let base = format!("http://{}", px.addr);
     let url = px.url(&manifest_path());
@@ -120,19 +107,9 @@ async fn htpasswd_mode_and_reload() {
 #[tokio::test]
 async fn license_rotation_keeps_old_credentials_for_the_grace_window() {
     let (up, img) = upstream().await;
-    let mut dir = SecretDir::new(&[("license", format!("{LIC}\n").as_bytes())]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &dir.arg("license"),
-            "--credential-grace",
-            GRACE,
-            "--reload-interval",
-            "100ms",
-        ]),
-    ))
-    .await;
+    let (mut dir, files) =
+        SecretDir::for_flags(&[("--license-file", "license", format!("{LIC}\n").as_bytes())]);
+    let px = start_proxy(&args(&up, &reloading(files))).await;
     let c = test_client();
     let base = format!("http://{}", px.addr);
     let url = px.url(&manifest_path());
@@ -221,24 +198,11 @@ async fn token_key_reload_signs_with_the_new_key() {
     let (up, _img) = upstream().await;
     let (k1_pem, _, k1_pub) = ec_key();
     let (k2_pem, _, k2_pub) = ec_key();
-    let mut dir = SecretDir::new(&[
-        ("license", LIC.as_bytes()),
-        ("token.key", k1_pem.as_bytes()),
+    let (mut dir, files) = SecretDir::for_flags(&[
+        LICENSE,
+        ("--token-key-file", "token.key", k1_pem.as_bytes()),
     ]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &dir.arg("license"),
-            "--token-key-file",
-            &dir.arg("token.key"),
-            "--credential-grace",
-            GRACE,
-            "--reload-interval",
-            "100ms",
-        ]),
-    ))
-    .await;
+    let px = start_proxy(&args(&up, &reloading(files))).await;
     let c = test_client();
     let base = format!("http://{}", px.addr);
     let url = px.url(&manifest_path());
@@ -260,20 +224,11 @@ async fn token_key_reload_signs_with_the_new_key() {
     assert!(!es256_verifies(&k1_pub, &t2));
     assert_eq!(get(&c, &url, Some(&bearer(&t2))).await.status(), 200);
     // A replica that only ever had the new key accepts the new token.
-    let k2_dir = SecretDir::new(&[
-        ("license", LIC.as_bytes()),
-        ("token.key", k2_pem.as_bytes()),
+    let (_k2_dir, files) = SecretDir::for_flags(&[
+        LICENSE,
+        ("--token-key-file", "token.key", k2_pem.as_bytes()),
     ]);
-    let px2 = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &k2_dir.arg("license"),
-            "--token-key-file",
-            &k2_dir.arg("token.key"),
-        ]),
-    ))
-    .await;
+    let px2 = start_proxy(&args(&up, &files)).await;
     assert_eq!(
         get(&c, &px2.url(&manifest_path()), Some(&bearer(&t2)))
             .await
@@ -308,4 +263,51 @@ async fn token_key_reload_signs_with_the_new_key() {
     let t3 = token_for(&c, &base, USER, LIC, REPO).await.token;
     assert!(es256_verifies(&k2_pub, &t3));
     assert_eq!(get(&c, &url, Some(&bearer(&t3))).await.status(), 200);
+}
+
+#[tokio::test]
+async fn s3_key_pair_reloads_once_per_swap_and_refuses_a_blank_key() {
+    let (up, _img) = upstream().await;
+    let cache = tempfile::tempdir().unwrap();
+    // Nothing listens there: the tier fails open, and only the key reload is looked at.
+    let s3 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", s3.local_addr().unwrap());
+    drop(s3);
+    let (mut dir, files) = SecretDir::for_flags(&[
+        ("--s3-access-key-file", "access", b"AK-one"),
+        ("--s3-secret-key-file", "secret", b"SK-one"),
+    ]);
+    let mut flags = up.proxy_args();
+    flags.extend(files);
+    flags.extend(s(&[
+        "--cache-dir",
+        &cache.path().display().to_string(),
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-bucket",
+        "rp-reload",
+        "--s3-timeout",
+        "1s",
+        "--reload-interval",
+        "100ms",
+    ]));
+    let px = start_proxy(&flags).await;
+    assert_eq!(reloads(&px, "s3_keys", "ok").await, 0.0);
+
+    // Kubernetes swaps both files at once: the pair is installed once, not once per file.
+    dir.swap(&[("access", b"AK-two"), ("secret", b"SK-two")]);
+    let ok = wait_reload(&px, "s3_keys", "ok", 0.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ok, 1.0);
+    assert_eq!(
+        reloads(&px, "s3_keys", "ok").await,
+        1.0,
+        "one reload per swap"
+    );
+
+    // A blank key keeps the previous pair and counts an error.
+    let err0 = reloads(&px, "s3_keys", "error").await;
+    dir.swap(&[("access", b"  \n"), ("secret", b"SK-three")]);
+    wait_reload(&px, "s3_keys", "error", err0).await;
+    assert_eq!(reloads(&px, "s3_keys", "ok").await, 1.0);
 }

@@ -6,23 +6,8 @@ use super::*;
 async fn https_with_alpn_h2_and_http1() {
     let (up, img) = upstream().await;
     let p = pki("a", 2031);
-    let dir = SecretDir::new(&[
-        ("license", LIC.as_bytes()),
-        ("tls.crt", p.leaf_pem.as_bytes()),
-        ("tls.key", p.key_pem.as_bytes()),
-    ]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &dir.arg("license"),
-            "--tls-cert",
-            &dir.arg("tls.crt"),
-            "--tls-key",
-            &dir.arg("tls.key"),
-        ]),
-    ))
-    .await;
+    let (_dir, files) = SecretDir::for_flags(&licensed_tls(&p));
+    let px = start_proxy(&args(&up, &files)).await;
     let (leaf, alpn) = handshake(px.addr, vec![p.ca_der.clone()]).await.unwrap();
     assert_eq!(leaf, p.leaf_der);
     assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
@@ -102,20 +87,10 @@ async fn serving_certificate_reloads_without_restart() {
     let (up, _img) = upstream().await;
     let p1 = pki("one", 2031);
     let p2 = pki("two", 2032);
-    let mut dir = SecretDir::new(&[
-        ("tls.crt", p1.leaf_pem.as_bytes()),
-        ("tls.key", p1.key_pem.as_bytes()),
-    ]);
+    let (mut dir, files) = SecretDir::for_flags(&p1.tls_flags());
     let px = start_proxy(&args(
         &up,
-        &s(&[
-            "--tls-cert",
-            &dir.arg("tls.crt"),
-            "--tls-key",
-            &dir.arg("tls.key"),
-            "--reload-interval",
-            "100ms",
-        ]),
+        &[files, s(&["--reload-interval", "100ms"])].concat(),
     ))
     .await;
     let base = https_base(px.addr);
@@ -206,20 +181,8 @@ async fn upstream_ca_reloads_without_restart() {
     let (up, img) = upstream().await;
     let u = pki("upstream", 2031);
     let wrong = pki("wrong", 2031);
-    let tls_dir = SecretDir::new(&[
-        ("tls.crt", u.leaf_pem.as_bytes()),
-        ("tls.key", u.key_pem.as_bytes()),
-    ]);
-    let https_up = start_proxy(&args(
-        &up,
-        &s(&[
-            "--tls-cert",
-            &tls_dir.arg("tls.crt"),
-            "--tls-key",
-            &tls_dir.arg("tls.key"),
-        ]),
-    ))
-    .await;
+    let (_tls_dir, files) = SecretDir::for_flags(&u.tls_flags());
+    let https_up = start_proxy(&args(&up, &files)).await;
     let mut ca_dir = SecretDir::new(&[("ca.crt", wrong.ca_pem.as_bytes())]);
     let px = start_proxy(&s(&[
         "--images-repo",

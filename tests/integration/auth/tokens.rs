@@ -6,20 +6,11 @@ use super::*;
 async fn forged_expired_and_foreign_tokens_are_refused() {
     let (up, _img) = upstream().await;
     let (key_pem, key_der, _) = ec_key();
-    let dir = SecretDir::new(&[
-        ("license", LIC.as_bytes()),
-        ("token.key", key_pem.as_bytes()),
+    let (dir, files) = SecretDir::for_flags(&[
+        LICENSE,
+        ("--token-key-file", "token.key", key_pem.as_bytes()),
     ]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&[
-            "--license-file",
-            &dir.arg("license"),
-            "--token-key-file",
-            &dir.arg("token.key"),
-        ]),
-    ))
-    .await;
+    let px = start_proxy(&args(&up, &files)).await;
     let c = test_client();
     let base = format!("http://{}", px.addr);
     let url = px.url(&manifest_path());
@@ -125,12 +116,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
     for (what, tok) in &cases {
         assert_401(get(&c, &url, Some(&bearer(tok))).await, what).await;
     }
-    let invalid = metric(
-        &px,
-        "registry_proxy_client_auth_total",
-        &[("result", "invalid_token")],
-    )
-    .await;
+    let invalid = client_auth(&px, "invalid_token").await;
     assert!(invalid >= 1.0, "invalid_token counter {invalid}");
 
     // A token from a proxy with its own random key is refused here, and vice versa.
@@ -159,12 +145,8 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
 #[tokio::test]
 async fn short_token_ttl_expires() {
     let (up, _img) = upstream().await;
-    let lic = SecretDir::new(&[("license", LIC.as_bytes())]);
-    let px = start_proxy(&args(
-        &up,
-        &s(&["--license-file", &lic.arg("license"), "--token-ttl", "1s"]),
-    ))
-    .await;
+    let (_lic, files) = SecretDir::for_flags(&[LICENSE]);
+    let px = start_proxy(&args(&up, &[files, s(&["--token-ttl", "1s"])].concat())).await;
     let c = test_client();
     let t = token_for(&c, &format!("http://{}", px.addr), USER, LIC, REPO).await;
     assert_eq!(t.expires_in, 1);

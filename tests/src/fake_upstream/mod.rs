@@ -99,6 +99,9 @@ pub enum Action {
     },
     /// Wait this long before answering normally.
     DelayHeaders(Duration),
+    /// Wait until the test opens the gate ([`Action::gate`]), then answer normally: for
+    /// ordering assertions ("this was answered while that was still held") without clocks.
+    Gate(tokio::sync::watch::Receiver<bool>),
     /// Answer blob GETs with the whole blob (`200`) even when a `Range` was asked for, as
     /// some registries and CDNs do.
     IgnoreRange,
@@ -123,6 +126,13 @@ impl Action {
             headers: Vec::new(),
             body: server::oci_error_body(code, "injected by test"),
         }
+    }
+
+    /// A closed gate: requests matching the rule wait until `send(true)` on the sender
+    /// (or its drop, which opens it too, so a failing test never leaves requests hanging).
+    pub fn gate() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Self::Gate(rx))
     }
 
     /// `429 Too Many Requests` with `Retry-After: <secs>`.

@@ -255,6 +255,10 @@ async fn upstream(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         }
         Some(Action::Unauthorized) => return unauthorized(&shared, &rec.path),
         Some(Action::DelayHeaders(d)) => tokio::time::sleep(*d).await,
+        Some(Action::Gate(open)) => {
+            // A dropped sender opens the gate too (wait_for errs).
+            let _ = open.clone().wait_for(|open| *open).await;
+        }
         _ => {}
     }
 
