@@ -106,25 +106,13 @@ mod tests {
     }
 
     #[test]
-    fn tags_follow_the_spec_grammar() {
-        for good in ["latest", "v1.2.3", "_x", "A-b_c.d", &"a".repeat(128)] {
-            assert!(TagKey::new("r", good).is_ok(), "{good}");
-        }
-        for bad in [
-            "",
-            ".",
-            "..",
-            "../x",
-            "a/b",
-            ".hidden",
-            "-x",
-            "a b",
-            &"a".repeat(129),
-        ] {
-            assert!(
-                matches!(TagKey::new("r", bad), Err(CacheError::InvalidTag)),
-                "{bad}"
-            );
+    fn tag_keys_take_only_grammar_tags() {
+        // The grammar itself is registry-oci's (tested there); here: what would escape a
+        // directory never becomes a key.
+        assert!(TagKey::new("r", "v1.2.3").is_ok());
+        for bad in ["", ".", "..", "../x", "a/b", ".hidden", &"a".repeat(129)] {
+            let r = TagKey::new("r", bad);
+            assert!(matches!(r, Err(CacheError::InvalidTag)), "{bad}");
         }
     }
 

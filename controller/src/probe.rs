@@ -14,7 +14,6 @@ use crate::Result;
 use crate::config::{CheckMode, UpstreamParams};
 use crate::machine::{CheckerObs, ProbeOutcome};
 
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 /// Per-request timeout (the documented 30 s token-request timeout).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Checker parallelism per registry.
@@ -334,7 +333,8 @@ async fn fetch_manifest(
     } else {
         client.head(url)
     }
-    .header(ACCEPT, MANIFEST_ACCEPT);
+    // The types a pull resolves to; unlike the proxy the probe never asked for schema 1.
+    .header(ACCEPT, registry_oci::media::MANIFEST_TYPES.join(", "));
     if let Some(a) = auth {
         req = req.header(AUTHORIZATION, a);
     }

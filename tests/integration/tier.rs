@@ -64,7 +64,7 @@ async fn pull(url: &str) -> Result<(u16, String, u64), String> {
         .await
         .map_err(|e| e.to_string())?;
     let status = r.status().as_u16();
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut ctx = registry_oci::Sha256Hasher::new();
     let mut len = 0u64;
     let mut body = r.bytes_stream();
     while let Some(chunk) = body.next().await {
@@ -72,11 +72,7 @@ async fn pull(url: &str) -> Result<(u16, String, u64), String> {
         len += chunk.len() as u64;
         ctx.update(&chunk);
     }
-    Ok((
-        status,
-        format!("sha256:{}", hex::encode(ctx.finish().as_ref())),
-        len,
-    ))
+    Ok((status, ctx.finish_digest().to_string(), len))
 }
 
 /// Sum of every sample of `name` whose line starts with `name{labels…`/`name `.

@@ -79,13 +79,7 @@ impl FakeRegistry {
 
     /// Digest of [`INDEX`].
     pub fn index_digest() -> String {
-        format!(
-            "sha256:{}",
-            hex::encode(aws_lc_rs::digest::digest(
-                &aws_lc_rs::digest::SHA256,
-                INDEX.as_bytes()
-            ))
-        )
+        registry_oci::sha256_digest(INDEX.as_bytes()).to_string()
     }
 }
 
