@@ -348,6 +348,30 @@ EOF
     lab_wait_http "http://$UP/v2/" 20 || lab_die "upstream did not start"
 }
 
+# lab_perf_start PID: perf record (software cpu-clock, 999 Hz, call graphs; this VM has no hardware
+# counters) on PID into $LAB/perf.data until lab_perf_stop; sets LAB_PERF_PID.
+lab_perf_start() {
+    perf record -q -F 999 -e cpu-clock -g -p "$1" -o "$LAB/perf.data" 2>"$LAB/perf.err" &
+    LAB_PERF_PID=$!
+    sleep 0.5
+}
+
+# lab_perf_stop TITLE STAGES_REGEX: stops the recording and prints its self time by symbol and the
+# inclusive time of the symbols matching STAGES_REGEX (a sample counts in every frame on its stack).
+lab_perf_stop() {
+    kill -INT "$LAB_PERF_PID" 2>/dev/null
+    wait "$LAB_PERF_PID" 2>/dev/null
+    LAB_PERF_PID=
+    echo "# $1"
+    echo "## self time by symbol"
+    perf report -i "$LAB/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | head -30
+    echo "## inclusive time of the stages"
+    perf report -i "$LAB/perf.data" --children --sort sym --stdio -g none 2>/dev/null |
+        grep -E "$2" | head -40
+    rm -f "$LAB/perf.data"
+}
+
 # lab_bench_proxy NAME PORT METRICS_PORT ARGS...: our proxy in front of the anonymous $UP.
 lab_bench_proxy() {
     local name=$1 port=$2 metrics=$3

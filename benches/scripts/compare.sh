@@ -192,31 +192,17 @@ if [[ -n $HUGE ]]; then
     for t in "${TARGETS[@]}"; do
         for ((i = 0; i < COLD_RUNS; i++)); do
             cold "$t"
+            perf_on=0
             if [[ $t == ours && $i == 0 && $PERF == 1 ]] && command -v perf >/dev/null; then
-                # Software clock (no hardware counters in this VM), call graphs, bounded by the pull.
-                perf record -q -F 999 -e cpu-clock -g -p "${PID_OF[ours]}" -o "$LAB/perf.data" \
-                    2>"$LAB/perf.err" &
-                perf_pid=$!
-                sleep 0.5
+                lab_perf_start "${PID_OF[ours]}"
+                perf_on=1
             fi
             curl -s -o /dev/null --max-time 300 -w '%{time_starttransfer} %{time_total}\n' "$(blob_url "$t" huge "$HUGE")"
-            if [[ -n ${perf_pid:-} ]]; then
-                kill -INT "$perf_pid" 2>/dev/null
-                wait "$perf_pid" 2>/dev/null
-                perf_pid=
-                {
-                    echo "# perf: ours, first cold ${HUGE_MIB} MiB fill, cpu-clock 999 Hz"
-                    echo "## self time by symbol"
-                    perf report -i "$LAB/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null |
-                        grep -v '^#' | grep -v '^$' | head -25
-                    # Inclusive time of the pipeline's stages (a sample counts in every frame on its stack).
-                    echo "## inclusive time of the fill stages"
-                    perf report -i "$LAB/perf.data" --children --sort sym --stdio -g none 2>/dev/null |
-                        grep -E 'sha256_block|spool_writer|fill::hasher|__libc_pwrite|__libc_pread|read_at|tcp_recvmsg|tcp_sendmsg|ext4_buffered_write_iter|filemap_read|writev|recvfrom|sendto|rustls|hyper::proto' |
-                        head -30
-                } >"$LAB/perf-cold.txt"
+            if ((perf_on)); then
+                lab_perf_stop "perf: ours, first cold ${HUGE_MIB} MiB fill, cpu-clock 999 Hz" \
+                    'sha256_block|spool_writer|fill::hasher|__libc_pwrite|__libc_pread|read_at|tcp_recvmsg|tcp_sendmsg|ext4_buffered_write_iter|filemap_read|writev|recvfrom|sendto|rustls|hyper::proto' \
+                    >"$LAB/perf-cold.txt"
                 [[ -n $PERF_OUT ]] && cp "$LAB/perf-cold.txt" "$PERF_OUT"
-                rm -f "$LAB/perf.data"
             fi
         done >"$LAB/huge-$t.txt"
         rec "$t" huge_cold_ttfb_ms "$(awk '{print $1*1000}' "$LAB/huge-$t.txt" | median)" ms
@@ -225,31 +211,19 @@ if [[ -n $HUGE ]]; then
         rec "$t" huge_cold_total_max_s "$(awk '{print $2}' "$LAB/huge-$t.txt" | sort -g | tail -1)" s
         [[ $t == ours ]] && sleep 1 # let the fill commit
         check_body "$t" "$(blob_url "$t" huge "$HUGE")"
+        perf_on=0
         if [[ $t == ours && $PERF == 1 ]] && command -v perf >/dev/null; then
-            perf record -q -F 999 -e cpu-clock -g -p "${PID_OF[ours]}" -o "$LAB/perf.data" \
-                2>"$LAB/perf.err" &
-            perf_pid=$!
-            sleep 0.5
+            lab_perf_start "${PID_OF[ours]}"
+            perf_on=1
         fi
         for ((i = 0; i < 3; i++)); do
             curl -s -o /dev/null --max-time 300 -w '%{time_total}\n' "$(blob_url "$t" huge "$HUGE")"
         done >"$LAB/huge-warm-$t.txt"
-        if [[ -n ${perf_pid:-} ]]; then
-            kill -INT "$perf_pid" 2>/dev/null
-            wait "$perf_pid" 2>/dev/null
-            perf_pid=
-            {
-                echo "# perf: ours, 3 warm ${HUGE_MIB} MiB GETs, cpu-clock 999 Hz"
-                echo "## self time by symbol"
-                perf report -i "$LAB/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null |
-                    grep -v '^#' | grep -v '^$' | head -25
-                echo "## inclusive time of the hit path's stages"
-                perf report -i "$LAB/perf.data" --children --sort sym --stdio -g none 2>/dev/null |
-                    grep -E 'read_at|__libc_pread|filemap_read|memset|clear_page|tcp_sendmsg|writev|hyper::proto|blocking::pool|futex|schedule$' |
-                    head -30
-            } >>"$LAB/perf-cold.txt"
+        if ((perf_on)); then
+            lab_perf_stop "perf: ours, 3 warm ${HUGE_MIB} MiB GETs, cpu-clock 999 Hz" \
+                'read_at|__libc_pread|filemap_read|memset|clear_page|tcp_sendmsg|writev|hyper::proto|blocking::pool|futex|schedule$' \
+                >>"$LAB/perf-cold.txt"
             [[ -n $PERF_OUT ]] && cp "$LAB/perf-cold.txt" "$PERF_OUT"
-            rm -f "$LAB/perf.data"
         fi
         rec "$t" huge_warm_mean_ms "$(awk '{s+=$1} END {printf "%.0f", s/NR*1000}' "$LAB/huge-warm-$t.txt")" ms
     done

@@ -41,17 +41,7 @@ else
 fi
 BYTES=$(stat -c%s "$(lab_blob "$L" "$BLOB")")
 
-UP=127.0.0.1:$(lab_free_port)
-mkdir -p "$LAB/up/data"
-cat >"$LAB/up/config.yml" <<EOF
-version: 0.1
-log: {level: warn, accesslog: {disabled: true}}
-storage:
-  filesystem: {rootdirectory: $LAB/up/data}
-http: {addr: $UP, secret: lab-upstream-secret}
-EOF
-lab_bg upstream docker-registry serve "$LAB/up/config.yml"
-lab_wait_http "http://$UP/v2/" 20 || lab_die "upstream did not start"
+lab_anon_upstream warn true
 timeout 300 skopeo --insecure-policy copy -q --preserve-digests --dest-tls-verify=false \
     "oci:$L:blob" "docker://$UP/deckhouse/ee/blob:v1" >&2 || lab_die "push failed"
 [[ -z $LAYOUT_KEEP ]] && rm -rf "$L"
@@ -68,30 +58,15 @@ if [[ $TLS == 1 ]]; then
     TLS_ARGS=(--tls-cert "$LAB/cert.pem" --tls-key "$LAB/key.pem")
 fi
 
-# report PERF_DATA TITLE: self time by symbol, then the inclusive time of the pipeline's stages.
-report() {
-    echo "# $2"
-    echo "## self time by symbol"
-    perf report -i "$1" --no-children --sort sym --stdio -g none 2>/dev/null |
-        grep -v '^#' | grep -v '^$' | head -30
-    echo "## inclusive time of the stages (a sample counts in every frame on its stack)"
-    perf report -i "$1" --children --sort sym --stdio -g none 2>/dev/null |
-        grep -E 'sha256_block|spool_writer|fill::hasher|read_at|__libc_pwrite|__libc_pread|filemap_read|tcp_recvmsg|tcp_sendmsg|writev|__send|recvfrom|clear_page|memset|memcpy|rustls|aws_lc|hyper::proto|h2::|spawn_blocking|blocking::pool|futex|schedule$' |
-        head -40
-}
+STAGES='sha256_block|spool_writer|fill::hasher|read_at|__libc_pwrite|__libc_pread|filemap_read|tcp_recvmsg|tcp_sendmsg|writev|__send|recvfrom|clear_page|memset|memcpy|rustls|aws_lc|hyper::proto|h2::|spawn_blocking|blocking::pool|futex|schedule$'
 
-# perf_get LABEL PID FILE CURL_ARGS...: one perf recording around the GETs it runs.
+# perf_get LABEL PID FILE CMD...: one perf recording around the GETs CMD runs.
 perf_get() {
-    local label=$1 pid=$2 file=$3 ppid
+    local label=$1 pid=$2 file=$3
     shift 3
-    perf record -q -F 999 -e cpu-clock -g -p "$pid" -o "$LAB/perf.data" 2>"$LAB/perf.err" &
-    ppid=$!
-    sleep 0.5
+    lab_perf_start "$pid"
     "$@"
-    kill -INT "$ppid" 2>/dev/null
-    wait "$ppid" 2>/dev/null
-    report "$LAB/perf.data" "$label" >"$file"
-    rm -f "$LAB/perf.data"
+    lab_perf_stop "$label" "$STAGES" >"$file"
 }
 
 for b in $BINS; do
@@ -100,9 +75,7 @@ for b in $BINS; do
     [[ -x $bin ]] || lab_die "no proxy binary at $bin"
     port=$(lab_free_port)
     rm -rf "$LAB/cache"
-    lab_bg "$name" env RUST_LOG=warn NO_COLOR=1 "$bin" --listen "127.0.0.1:$port" \
-        --metrics-listen "127.0.0.1:$(lab_free_port)" --images-repo "$UP/deckhouse/ee" --scheme HTTP \
-        --client-auth none --cache-dir "$LAB/cache" "${TLS_ARGS[@]}"
+    PROXY_BIN=$bin lab_bench_proxy "$name" "$port" "$(lab_free_port)" --cache-dir "$LAB/cache" "${TLS_ARGS[@]}"
     pid=${LAB_PID_OF[$name]}
     u=$SCHEME://127.0.0.1:$port/v2/system/deckhouse/blob/blobs/$BLOB
     for ((i = 0; i < 300; i++)); do

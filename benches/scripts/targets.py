@@ -35,38 +35,29 @@ def main():
 
     rows = []
 
-    def lower(label, metric, bound, peers=("dist", "nginx")):
-        # time-like: ours / faster peer <= bound
+    def ratio(label, metric, bound, peers, best, of, at_least):
+        # One row: ratio of(ours, best peer) against bound, where "best" is the faster peer.
         ours = get("ours", metric)
-        p, who = peer(metric, min, peers)
-        if ours is None or p is None or p == 0:
+        p, who = peer(metric, best, peers)
+        if ours is None or p is None or p == 0 or ours == 0:
             rows.append((label, "not measured", "", "", ""))
             return
-        r = ours / p
-        rows.append((label, f"{ours:g}", f"{who} {p:g}", f"{r:.2f}x (<= {bound})",
-                     "met" if r <= bound else "MISSED"))
+        r = of(ours, p)
+        ok = r >= bound if at_least else r <= bound
+        rows.append((label, f"{ours:g}", f"{who} {p:g}",
+                     f"{r:.2f}x ({'>=' if at_least else '<='} {bound})", "met" if ok else "MISSED"))
+
+    def lower(label, metric, bound, peers=("dist", "nginx")):
+        # time-like: ours / faster peer <= bound
+        ratio(label, metric, bound, peers, min, lambda o, p: o / p, False)
 
     def higher_rate(label, metric, bound, peers=("dist", "nginx")):
         # throughput: ours / faster peer >= bound
-        ours = get("ours", metric)
-        p, who = peer(metric, max, peers)
-        if ours is None or p is None or p == 0:
-            rows.append((label, "not measured", "", "", ""))
-            return
-        r = ours / p
-        rows.append((label, f"{ours:g}", f"{who} {p:g}", f"{r:.2f}x (>= {bound})",
-                     "met" if r >= bound else "MISSED"))
+        ratio(label, metric, bound, peers, max, lambda o, p: o / p, True)
 
     def faster_time(label, metric, bound, peers=("dist", "nginx")):
         # time-like, stated as a speed-up: faster peer / ours >= bound
-        ours = get("ours", metric)
-        p, who = peer(metric, min, peers)
-        if ours is None or p is None or ours == 0:
-            rows.append((label, "not measured", "", "", ""))
-            return
-        r = p / ours
-        rows.append((label, f"{ours:g}", f"{who} {p:g}", f"{r:.2f}x (>= {bound})",
-                     "met" if r >= bound else "MISSED"))
+        ratio(label, metric, bound, peers, min, lambda o, p: p / o, True)
 
     lower("cold 1 GiB total, s", "huge_cold_total_s", 0.8)
     lower("cold 200 MiB total, s", "cold_total_s", 1.0)

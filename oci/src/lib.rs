@@ -26,4 +26,4 @@ pub use grammar::{
 };
 pub use oci_spec::image::Digest;
 pub use refs::{References, references};
-pub use sha256::{Sha256Hasher, sha256, sha256_digest, sha256_hex};
+pub use sha256::{Sha256Hasher, is_sha256, sha256, sha256_digest, sha256_hex};

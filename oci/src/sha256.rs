@@ -2,7 +2,7 @@
 //! provider, with assembly on every CPU it runs on).
 
 use aws_lc_rs::digest::{Context, SHA256};
-use oci_spec::image::{Digest, Sha256Digest};
+use oci_spec::image::{Digest, DigestAlgorithm, Sha256Digest};
 
 /// Raw SHA-256 of `data`, for keys and fingerprints compared in memory.
 #[must_use]
@@ -22,6 +22,13 @@ pub fn sha256_hex(data: &[u8]) -> String {
 #[must_use]
 pub fn sha256_digest(data: &[u8]) -> Digest {
     Sha256Hasher::new_with(data).finish_digest()
+}
+
+/// Whether `digest` is one the proxy can verify by computing it (sha256): content under any
+/// other algorithm is passed through unverified and never cached.
+#[must_use]
+pub fn is_sha256(digest: &Digest) -> bool {
+    matches!(digest.algorithm(), DigestAlgorithm::Sha256)
 }
 
 /// Incremental SHA-256 for bodies that arrive in chunks.
@@ -93,6 +100,13 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn only_sha256_digests_are_verifiable() {
+        assert!(is_sha256(&sha256_digest(b"x")));
+        let d512: Digest = format!("sha512:{}", "a".repeat(128)).parse().unwrap();
+        assert!(!is_sha256(&d512));
     }
 
     proptest! {

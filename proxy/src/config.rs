@@ -16,6 +16,9 @@ pub use registry_auth::client::ClientAuthMode;
 pub use crate::error::ConfigError;
 pub use crate::inputs::CredentialSource;
 
+/// The cluster-tier flags, checked together.
+pub(crate) mod tier;
+
 /// Deckhouse's `imagesRepo` pattern (module config schema), trailing `/` already trimmed.
 static IMAGES_REPO: LazyLock<regex::Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
@@ -531,7 +534,7 @@ pub struct Config {
     /// them at start-up.
     pub warnings: Vec<String>,
     /// The S3 tier and peer settings, validated.
-    pub cluster: crate::tier_config::ClusterConfig,
+    pub cluster: tier::ClusterConfig,
 }
 
 /// `host[:port]` in the one spelling the realm check compares: lower case, no userinfo, no
@@ -635,7 +638,7 @@ impl Config {
             });
         }
         validate_limits(&args)?;
-        let cluster = crate::tier_config::validate(&args)?;
+        let cluster = tier::validate(&args)?;
         if let Some(r) = &args.probe_reference
             && registry_oci::Reference::parse(r).is_err()
         {

@@ -32,7 +32,6 @@ mod inputs;
 mod ops;
 mod path;
 mod secrets;
-mod tier_config;
 mod upstream;
 
 use std::sync::Arc;

@@ -45,17 +45,6 @@ pub(crate) enum Route {
 }
 
 impl Route {
-    /// Bounded label for metrics and logs.
-    pub(crate) fn template(&self) -> &'static str {
-        match self {
-            Self::Base => "v2",
-            Self::Manifest { .. } => "manifest",
-            Self::Blob { .. } => "blob",
-            Self::Tags { .. } => "tags",
-            Self::Referrers { .. } => "referrers",
-        }
-    }
-
     /// The client-side repository name, if the route has one.
     pub(crate) fn name(&self) -> Option<&str> {
         match self {

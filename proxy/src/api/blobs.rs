@@ -199,7 +199,7 @@ async fn cached(
     } = ask;
     let metrics = &state.metrics;
     let head = *method == Method::HEAD;
-    let sha256 = digest.algorithm().as_ref() == "sha256";
+    let sha256 = registry_oci::is_sha256(digest);
     if sha256 {
         match layer.cache.blob(digest).await {
             // A Range of a blob not yet verified in this process is checked first, so rotten

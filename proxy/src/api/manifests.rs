@@ -336,7 +336,7 @@ async fn by_digest(
 ) -> Result<Response, ApiError> {
     let (upstream, metrics) = (&state.upstream, &state.metrics);
     let head = *method == Method::HEAD;
-    if digest.algorithm().as_ref() == "sha256" {
+    if registry_oci::is_sha256(digest) {
         match layer.cache.manifest(digest).await {
             Ok(Some(m)) => {
                 return Ok(from_cache(ctx, m, digest, head, metrics, CacheResult::Hit));

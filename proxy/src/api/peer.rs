@@ -19,7 +19,7 @@ pub(crate) async fn serve(State(state): State<AppState>, req: Request) -> Respon
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    resp.extensions_mut().insert(RouteLabel("peer"));
+    resp.extensions_mut().insert(RouteLabel::Peer);
     resp
 }
 

@@ -51,7 +51,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         }
     };
     let mut resp = resp;
-    resp.extensions_mut().insert(RouteLabel(route_label));
+    resp.extensions_mut().insert(route_label);
     resp.extensions_mut().insert(ctx);
     resp.headers_mut().insert(
         "docker-distribution-api-version",
@@ -60,7 +60,17 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     resp
 }
 
-type Handled = Result<(&'static str, Response), (&'static str, ApiError)>;
+type Handled = Result<(RouteLabel, Response), (RouteLabel, ApiError)>;
+
+fn route_label(route: &Route) -> RouteLabel {
+    match route {
+        Route::Base => RouteLabel::Base,
+        Route::Manifest { .. } => RouteLabel::Manifest,
+        Route::Blob { .. } => RouteLabel::Blob,
+        Route::Tags { .. } => RouteLabel::Tags,
+        Route::Referrers { .. } => RouteLabel::Referrers,
+    }
+}
 
 async fn handle(state: &AppState, req: &http::request::Parts, ctx: &RequestContext) -> Handled {
     let rest = req
@@ -73,10 +83,10 @@ async fn handle(state: &AppState, req: &http::request::Parts, ctx: &RequestConte
     // Read-only: every write (uploads, mounts, deletes) is refused before its path is
     // even parsed, so upload URLs get 405 rather than a parse error.
     if method != Method::GET && method != Method::HEAD {
-        return Err(("write", ApiError::unsupported_method()));
+        return Err((RouteLabel::Write, ApiError::unsupported_method()));
     }
-    let route = path::parse(rest).map_err(|e| ("invalid", e))?;
-    let label = route.template();
+    let route = path::parse(rest).map_err(|e| (RouteLabel::Invalid, e))?;
+    let label = route_label(&route);
     state
         .edge
         .check(

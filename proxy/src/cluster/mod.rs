@@ -24,8 +24,8 @@ use registry_cache::{
 };
 
 use crate::cluster::peer::{PeerSource, Peers};
+use crate::config::tier::read_key;
 use crate::ops::metrics::Metrics;
-use crate::tier_config::read_key;
 
 /// Uploads to S3 running at once.
 const UPLOAD_CONCURRENCY: usize = 2;

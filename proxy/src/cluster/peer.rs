@@ -333,11 +333,11 @@ mod tests {
     #[test]
     fn urls_are_normalised_or_refused() {
         assert_eq!(
-            crate::tier_config::normalise_url("http://10.0.0.1:5001/").as_deref(),
+            crate::config::tier::normalise_url("http://10.0.0.1:5001/").as_deref(),
             Some("http://10.0.0.1:5001")
         );
         assert_eq!(
-            crate::tier_config::normalise_url("https://px.example").as_deref(),
+            crate::config::tier::normalise_url("https://px.example").as_deref(),
             Some("https://px.example:443")
         );
         for bad in [
@@ -347,7 +347,7 @@ mod tests {
             "http://x:1/path",
             "http://x:1/?q",
         ] {
-            assert_eq!(crate::tier_config::normalise_url(bad), None, "{bad}");
+            assert_eq!(crate::config::tier::normalise_url(bad), None, "{bad}");
         }
     }
 }

@@ -165,7 +165,7 @@ async fn token(State(edge): State<Edge>, req: Request) -> Response {
     let mut resp = token_inner(&edge, req)
         .await
         .unwrap_or_else(IntoResponse::into_response);
-    resp.extensions_mut().insert(RouteLabel("token"));
+    resp.extensions_mut().insert(RouteLabel::Token);
     resp
 }
 

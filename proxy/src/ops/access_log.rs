@@ -21,9 +21,43 @@ use crate::ops::notes::{CacheResult, RequestContext};
 
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// Marks a response with its bounded route label for metrics and logs.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct RouteLabel(pub &'static str);
+/// Marks a response with the bounded route it answered, for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RouteLabel {
+    Base,
+    Manifest,
+    Blob,
+    Tags,
+    Referrers,
+    /// A write (upload, mount, delete): refused before its path is parsed.
+    Write,
+    /// A /v2/ path outside the grammar.
+    Invalid,
+    Token,
+    Peer,
+}
+
+impl RouteLabel {
+    /// The `route` label value; responses without a mark are `other`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Base => "v2",
+            Self::Manifest => "manifest",
+            Self::Blob => "blob",
+            Self::Tags => "tags",
+            Self::Referrers => "referrers",
+            Self::Write => "write",
+            Self::Invalid => "invalid",
+            Self::Token => "token",
+            Self::Peer => "peer",
+        }
+    }
+
+    /// Pulls are counted for what a client pulls: manifests and blobs.
+    fn pull_kind(self) -> Option<&'static str> {
+        matches!(self, Self::Manifest | Self::Blob).then(|| self.as_str())
+    }
+}
 
 /// Records metrics and the access log line for one request.
 struct Finish {
@@ -151,10 +185,8 @@ pub(crate) async fn layer(
     metrics.in_flight.inc();
     let started = Instant::now();
     let resp = next.run(req).await;
-    let route = resp
-        .extensions()
-        .get::<RouteLabel>()
-        .map_or("other", |r| r.0);
+    let label = resp.extensions().get::<RouteLabel>().copied();
+    let route = label.map_or("other", RouteLabel::as_str);
     let error = resp.extensions().get::<ErrorInfo>().copied();
     let ctx = resp
         .extensions()
@@ -163,7 +195,7 @@ pub(crate) async fn layer(
         .unwrap_or_default();
     if get
         && resp.status().is_success()
-        && let kind @ ("manifest" | "blob") = route
+        && let Some(kind) = label.and_then(RouteLabel::pull_kind)
     {
         metrics
             .pulls

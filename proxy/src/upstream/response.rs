@@ -143,7 +143,7 @@ pub(crate) async fn read_manifest(
     metrics.upstream_bytes.inc_by(body.len() as u64);
     let digest = registry_oci::sha256_digest(&body);
     if let Some(want) = expected
-        && want.algorithm().as_ref() == "sha256"
+        && registry_oci::is_sha256(want)
         && *want != digest
     {
         tracing::error!(expected = %want, got = %digest, "upstream manifest does not match its digest");

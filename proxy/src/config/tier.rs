@@ -1,11 +1,11 @@
 //! The cluster-tier flags (`--s3-*`, `--peers*`, `--advertise`, `--peer-*`) checked
-//! together into a [`ClusterConfig`]; every file they name is read here (a leaf, like
-//! `inputs`). The tier itself is `crate::cluster`.
+//! together into a [`ClusterConfig`]; every file they name is read here. A child of
+//! `config` (it reads `Args` and answers `ConfigError`); the tier itself is `crate::cluster`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{Args, ConfigError};
+use super::{Args, ConfigError};
 
 /// Validated S3 settings.
 #[derive(Clone, Debug)]
