@@ -9,12 +9,17 @@ use serde::Deserialize;
 /// upstream redirects itself), and an overall timeout so a hung proxy fails the test instead
 /// of hanging the binary.
 pub fn test_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
+    loopback()
         .timeout(Duration::from_secs(20))
         .build()
         .expect("reqwest client")
+}
+
+/// No environment proxy, no redirects: what both clients share.
+fn loopback() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
 }
 
 /// Like [`test_client`] for pulls of hundreds of MiB under parallel load (many concurrent
@@ -22,9 +27,7 @@ pub fn test_client() -> reqwest::Client {
 /// every read must make progress within 20 s, but a slow yet moving transfer is not cut at an
 /// overall 20 s (it was, once, after 186 of 200 MiB with 24 pulls in flight).
 pub fn bulk_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
+    loopback()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(20))
         .timeout(Duration::from_secs(300))

@@ -11,7 +11,7 @@ use crate::api::blobs;
 use crate::api::state::AppState;
 use crate::cluster::peer::{PATH_PREFIX, subject};
 use crate::error::ApiError;
-use crate::ops::access_log::RouteLabel;
+use crate::ops::notes::RouteLabel;
 
 /// `GET|HEAD /_peer/v1/blobs/<digest>?repo=<repository>` (see the module docs).
 pub(crate) async fn serve(State(state): State<AppState>, req: Request) -> Response {

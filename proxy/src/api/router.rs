@@ -14,8 +14,8 @@ use http::{HeaderValue, Method, StatusCode, header};
 use crate::api::state::AppState;
 use crate::api::{blobs, manifests, referrers, tags};
 use crate::error::ApiError;
-use crate::ops::access_log::RouteLabel;
 use crate::ops::notes::RequestContext;
+use crate::ops::notes::RouteLabel;
 use crate::path::{self, Reference, Route};
 
 /// The API router.

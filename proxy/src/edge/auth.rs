@@ -22,8 +22,8 @@ use registry_auth::{Credentials, Error as AuthError};
 
 use crate::config::ClientAuthConfig;
 use crate::error::{ApiError, Error};
-use crate::ops::access_log::RouteLabel;
 use crate::ops::metrics::Metrics;
+use crate::ops::notes::RouteLabel;
 
 /// The edge state: the authenticator plus how to build challenges.
 #[derive(Clone)]

@@ -17,47 +17,9 @@ use http_body::{Frame, SizeHint};
 
 use crate::error::ErrorInfo;
 use crate::ops::metrics::{Metrics, client_kind, method_label};
-use crate::ops::notes::{CacheResult, RequestContext};
+use crate::ops::notes::{CacheResult, RequestContext, RouteLabel};
 
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
-
-/// Marks a response with the bounded route it answered, for metrics and logs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RouteLabel {
-    Base,
-    Manifest,
-    Blob,
-    Tags,
-    Referrers,
-    /// A write (upload, mount, delete): refused before its path is parsed.
-    Write,
-    /// A /v2/ path outside the grammar.
-    Invalid,
-    Token,
-    Peer,
-}
-
-impl RouteLabel {
-    /// The `route` label value; responses without a mark are `other`.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::Base => "v2",
-            Self::Manifest => "manifest",
-            Self::Blob => "blob",
-            Self::Tags => "tags",
-            Self::Referrers => "referrers",
-            Self::Write => "write",
-            Self::Invalid => "invalid",
-            Self::Token => "token",
-            Self::Peer => "peer",
-        }
-    }
-
-    /// Pulls are counted for what a client pulls: manifests and blobs.
-    fn pull_kind(self) -> Option<&'static str> {
-        matches!(self, Self::Manifest | Self::Blob).then(|| self.as_str())
-    }
-}
 
 /// Records metrics and the access log line for one request.
 struct Finish {

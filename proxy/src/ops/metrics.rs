@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::Method;
 
-use crate::ops::notes::{CacheResult, RequestContext};
+use crate::ops::notes::{CacheResult, RequestContext, RouteLabel};
 use crate::ops::probe_state::ProbeOutcome;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -331,8 +331,10 @@ impl Metrics {
         for source in ["cache", "upstream"] {
             m.bytes_served.with_label_values(&[source]).inc_by(0);
             for client in CLIENT_KINDS {
-                for kind in ["blob", "manifest"] {
-                    m.pulls.with_label_values(&[client, kind, source]).inc_by(0);
+                for kind in RouteLabel::PULLED {
+                    m.pulls
+                        .with_label_values(&[client, kind.as_str(), source])
+                        .inc_by(0);
                 }
             }
         }

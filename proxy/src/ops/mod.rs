@@ -6,7 +6,7 @@
 //! - [`metrics`]: the Prometheus families, one registry per proxy.
 //! - [`access_log`]: the per-request middleware (metrics and one log line when the body
 //!   ends).
-//! - [`notes`]: what a handler learns about a request for that log line.
+//! - [`notes`]: what a handler learns about a request for that log line, and the route it answered.
 //! - [`probe_state`]: the upstream probe's typed outcome, the state `/readyz` reports.
 //! - [`health`]: the plain-HTTP ops port (`/metrics`, `/healthz`, `/readyz`).
 

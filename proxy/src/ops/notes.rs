@@ -2,6 +2,7 @@
 //! upstream response (status and time to its headers). A [`RequestContext`] is created per
 //! request by the router and passed explicitly, also into the fill or revalidation the
 //! request starts on another task, so the line names what that work got from the upstream.
+//! [`RouteLabel`] is the route a response answered, read by metrics and the access log.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -136,6 +137,47 @@ impl RequestContext {
             cache: CacheResult::from_code(self.0.cache.load(Ordering::Relaxed)),
             upstream: UpstreamNote::unpack(self.0.upstream.load(Ordering::Relaxed)),
         }
+    }
+}
+
+/// Marks a response with the bounded route it answered, for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RouteLabel {
+    Base,
+    Manifest,
+    Blob,
+    Tags,
+    Referrers,
+    /// A write (upload, mount, delete): refused before its path is parsed.
+    Write,
+    /// A /v2/ path outside the grammar.
+    Invalid,
+    Token,
+    Peer,
+}
+
+impl RouteLabel {
+    /// The `route` label value; responses without a mark are `other`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Base => "v2",
+            Self::Manifest => "manifest",
+            Self::Blob => "blob",
+            Self::Tags => "tags",
+            Self::Referrers => "referrers",
+            Self::Write => "write",
+            Self::Invalid => "invalid",
+            Self::Token => "token",
+            Self::Peer => "peer",
+        }
+    }
+
+    /// What a client pulls, counted in `registry_proxy_pulls_total{kind}`.
+    pub(crate) const PULLED: [Self; 2] = [Self::Blob, Self::Manifest];
+
+    /// The pull kind of a successful GET of this route, if it is a pull.
+    pub(crate) fn pull_kind(self) -> Option<&'static str> {
+        Self::PULLED.contains(&self).then(|| self.as_str())
     }
 }
 
