@@ -1,9 +1,12 @@
 //! Single-flight fills. One task per digest owns the upstream body; every [`Fill`] handle follows
 //! it through a `watch` of (bytes received, bytes written, terminal state). Bytes are served from
 //! memory as they arrive ([`MemWindow`]): the spool write and the hash run beside the readers on
-//! their own blocking threads, not in front of them. A reader that falls behind the window (or
-//! joins late) reads the spool until it catches up. Readers never cancel the fill; only shutdown
-//! or the fill's own deadline does.
+//! their own blocking threads, not in front of them. The window keeps what its readers still
+//! need, up to [`WINDOW_CAP`]; at the cap the fill waits up to [`PACE_WAIT`] for them (the
+//! upstream is paced by clients that keep up, as a pass-through is) before it lets the slowest
+//! fall back to the spool. A reader that falls behind the window (or joins late) reads the spool,
+//! with one read ahead, until it catches up. Readers never cancel the fill; only shutdown or the
+//! fill's own deadline does.
 
 use std::{
     collections::VecDeque,
@@ -21,7 +24,7 @@ use bytes::Bytes;
 use futures_util::{StreamExt, stream};
 use oci_spec::image::Digest;
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch},
     time::Instant,
 };
 
@@ -30,8 +33,8 @@ use crate::{
     degraded::{Fallback, Prefix, verified_stream},
     index::{Pin, now_ms},
     names::Sha256Hasher,
-    store::{Kind, ObjectKey, ObjectMeta, read_at},
-    stream::{CHUNK, resolve},
+    store::{Kind, ObjectKey, ObjectMeta},
+    stream::{CHUNK, file_range, resolve},
 };
 
 /// Upstream chunks already buffered are handed to the writer and hasher as one batch (at most
@@ -42,15 +45,28 @@ const WRITE_BATCH: usize = 16;
 /// waits for the disk and the hasher beyond this (backpressure instead of buffering).
 pub(crate) const MAX_UNSPOOLED: u64 = 8 * 1024 * 1024;
 
-/// Already-spooled bytes the memory window keeps, so that followers a little behind the
-/// leader are still served from memory.
+/// Already-spooled bytes the memory window keeps even when no reader needs them, so that
+/// followers joining a little behind the leader are still served from memory.
 pub(crate) const MEM_KEEP: u64 = 4 * 1024 * 1024;
 
+/// The memory window's size at which the fill stops keeping spooled bytes for readers that have
+/// not taken them yet. A reader on loopback or a fast link lags the upstream by a few MiB when
+/// the CPU is busy; with only [`MEM_KEEP`] such a reader fell off the window and read most of a
+/// cold 1 GiB blob back from the spool (one more copy and read per byte; docs/bench.md).
+pub(crate) const WINDOW_CAP: u64 = 16 * 1024 * 1024;
+
+/// How long the fill waits, once per batch at [`WINDOW_CAP`], for a reader that still needs the
+/// oldest bytes. A reader that keeps up frees them within a millisecond; one that cannot is
+/// left to the spool after this, so a slow client costs the fill at most this once each time it
+/// falls off, never its pace.
+pub(crate) const PACE_WAIT: Duration = Duration::from_millis(20);
+
 /// The most recent bytes of a fill, in the chunks the upstream delivered. Everything not yet
-/// written to the spool is here (so `base <= written` always holds), plus up to
-/// [`MEM_KEEP`] bytes already written. Per fill this is at most `MAX_UNSPOOLED + MEM_KEEP`
-/// plus one upstream chunk (a batch above `MAX_UNSPOOLED` would have its permit clamped, but
-/// 16 chunks of hyper's ≤ ~400 KiB reads stay below it).
+/// written to the spool is here (so `base <= written` always holds), plus the spooled bytes a
+/// reader in the window has not taken yet, plus at least [`MEM_KEEP`] spooled bytes. Spooled
+/// bytes are dropped for readers beyond [`WINDOW_CAP`], so per fill it holds at most
+/// `WINDOW_CAP` (which is above `MAX_UNSPOOLED`) plus one batch of upstream chunks (16 of
+/// hyper's ≤ ~400 KiB reads).
 #[derive(Default)]
 struct MemWindow {
     /// Blob offset of the first chunk.
@@ -58,6 +74,8 @@ struct MemWindow {
     /// `(offset, bytes)`, contiguous from `base`.
     chunks: VecDeque<(u64, Bytes)>,
     len: u64,
+    /// `(reader id, next offset it reads)` of every live reader of the fill.
+    readers: Vec<(u64, u64)>,
 }
 
 enum Slice {
@@ -70,25 +88,68 @@ enum Slice {
 }
 
 impl MemWindow {
-    fn push(&mut self, data: &[Bytes], written: u64) {
+    /// Adds a batch; returns how many readers it pushed off the window.
+    fn push(&mut self, data: &[Bytes], written: u64) -> u64 {
         for b in data {
             self.chunks.push_back((self.base + self.len, b.clone()));
             self.len += b.len() as u64;
         }
-        self.trim(written);
+        self.trim(written, WINDOW_CAP)
     }
 
-    /// Drops the oldest spooled chunks beyond [`MEM_KEEP`]; never one not yet written.
-    fn trim(&mut self, written: u64) {
+    /// A reader in the window that has not taken all of `off..end` yet.
+    fn needed(&self, off: u64, end: u64) -> bool {
+        self.readers.iter().any(|&(_, pos)| pos >= off && pos < end)
+    }
+
+    /// Drops the oldest spooled chunks beyond [`MEM_KEEP`] that no reader needs, and beyond
+    /// `cap` even those; never one not yet written. Returns how many readers were pushed off
+    /// (they continue from the spool).
+    fn trim(&mut self, written: u64, cap: u64) -> u64 {
+        let mut spilled = 0;
         while let Some((off, b)) = self.chunks.front() {
-            let n = b.len() as u64;
+            let (off, n) = (*off, b.len() as u64);
             if off + n > written || self.len - n < MEM_KEEP {
                 break;
+            }
+            if self.needed(off, off + n) {
+                if self.len <= cap {
+                    break;
+                }
+                spilled += self
+                    .readers
+                    .iter()
+                    .filter(|&&(_, pos)| pos >= off && pos < off + n)
+                    .count() as u64;
             }
             self.base += n;
             self.len -= n;
             self.chunks.pop_front();
         }
+        spilled
+    }
+
+    /// Adding `n` bytes would push a reader off: the oldest chunk is spooled, still needed,
+    /// and the window is at [`WINDOW_CAP`].
+    fn must_wait(&mut self, n: u64, written: u64) -> bool {
+        self.trim(written, u64::MAX);
+        self.len + n > WINDOW_CAP
+            && self.chunks.front().is_some_and(|(off, b)| {
+                let end = off + b.len() as u64;
+                end <= written && self.needed(*off, end)
+            })
+    }
+
+    /// Records where reader `id` reads next.
+    fn seat(&mut self, id: u64, pos: u64) {
+        match self.readers.iter_mut().find(|(r, _)| *r == id) {
+            Some(r) => r.1 = pos,
+            None => self.readers.push((id, pos)),
+        }
+    }
+
+    fn leave(&mut self, id: u64) {
+        self.readers.retain(|(r, _)| *r != id);
     }
 
     /// Up to `max` bytes at `pos`, not past `limit`.
@@ -147,6 +208,9 @@ pub(crate) struct FillShared {
     fallback: Option<Fallback>,
     /// The bytes most recently received (no lock is held across an await).
     mem: Mutex<MemWindow>,
+    /// A reader took bytes (or left): the fill may be waiting for it at the window's cap.
+    advanced: Notify,
+    next_reader: AtomicU64,
     /// Where readers got their bytes (the cache's counters).
     reads: Arc<FillReads>,
 }
@@ -158,6 +222,8 @@ pub(crate) struct FillReads {
     pub(crate) memory: AtomicU64,
     pub(crate) spool: AtomicU64,
     pub(crate) window: AtomicU64,
+    /// Readers the window dropped at its cap (they went on from the spool).
+    pub(crate) spilled: AtomicU64,
 }
 
 impl FillShared {
@@ -169,6 +235,8 @@ impl FillShared {
             pin: OnceLock::new(),
             fallback,
             mem: Mutex::new(MemWindow::default()),
+            advanced: Notify::new(),
+            next_reader: AtomicU64::new(0),
         }
     }
 
@@ -177,10 +245,10 @@ impl FillShared {
     }
 
     /// Changes the window and keeps the cache-wide gauge of window bytes in step.
-    fn change_mem(&self, f: impl FnOnce(&mut MemWindow)) {
+    fn change_mem<T>(&self, f: impl FnOnce(&mut MemWindow) -> T) -> T {
         let mut m = self.mem();
         let before = m.len;
-        f(&mut m);
+        let out = f(&mut m);
         let after = m.len;
         drop(m);
         let gauge = &self.reads.window;
@@ -188,6 +256,27 @@ impl FillShared {
             gauge.fetch_add(after - before, Ordering::Relaxed);
         } else {
             gauge.fetch_sub(before - after, Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Waits (up to `wait`, [`PACE_WAIT`] by default) until adding `n` bytes pushes no reader
+    /// off the window.
+    async fn pace(&self, n: u64, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let written = self.tx.borrow().written;
+            if !self.change_mem(|m| m.must_wait(n, written)) {
+                return;
+            }
+            // A stored permit (a reader advanced since the last wait) returns at once; the
+            // condition is checked again either way.
+            if tokio::time::timeout_at(deadline, self.advanced.notified())
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
     }
 
@@ -294,7 +383,11 @@ impl Fill {
     /// the spool as they are written. Ends cleanly only once the whole fill verified; yields one
     /// `Err` item if the fill fails, so the proxy aborts the connection instead of ending it.
     pub fn reader(&self, start: u64, end_inclusive: u64) -> BlobStream {
+        let id = self.shared.next_reader.fetch_add(1, Ordering::Relaxed);
+        self.shared.mem().seat(id, start);
         let tail = Tail {
+            id,
+            spool: None,
             rx: self.shared.tx.subscribe(),
             _shared: self.shared.clone(),
             start,
@@ -322,6 +415,10 @@ impl Fill {
 }
 
 struct Tail {
+    /// This reader's seat in the memory window.
+    id: u64,
+    /// Catching up from the spool: a read-ahead stream over bytes already written.
+    spool: Option<BlobStream>,
     rx: watch::Receiver<Progress>,
     /// Keeps the post-commit pin alive while this reader streams.
     _shared: Arc<FillShared>,
@@ -335,12 +432,38 @@ struct Tail {
     degraded: Option<BlobStream>,
 }
 
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self._shared.mem().leave(self.id);
+        self._shared.advanced.notify_one();
+    }
+}
+
 impl Tail {
+    /// Moves this reader on by `n` bytes (in the window too) and lets a pacing fill know.
+    fn advance(&mut self, n: u64) {
+        self.pos += n;
+        self._shared.mem().seat(self.id, self.pos);
+        self._shared.advanced.notify_one();
+    }
+
     async fn step(&mut self) -> Result<Option<Bytes>, CacheError> {
         if let Some(rest) = &mut self.degraded {
             return rest.next().await.transpose();
         }
         loop {
+            if let Some(spool) = &mut self.spool {
+                match spool.next().await {
+                    Some(Ok(bytes)) => {
+                        let n = bytes.len() as u64;
+                        self.advance(n);
+                        self._shared.reads.spool.fetch_add(n, Ordering::Relaxed);
+                        return Ok(Some(bytes));
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => self.spool = None,
+                }
+            }
             let (file, total, received, written, done, verified) = {
                 let p = self.rx.borrow_and_update();
                 (
@@ -385,7 +508,7 @@ impl Tail {
                 let slice = self._shared.mem().slice(self.pos, limit, CHUNK);
                 let spool_end = match slice {
                     Slice::Mem(b) => {
-                        self.pos += b.len() as u64;
+                        self.advance(b.len() as u64);
                         let reads = &self._shared.reads.memory;
                         reads.fetch_add(b.len() as u64, Ordering::Relaxed);
                         return Ok(Some(b));
@@ -395,17 +518,12 @@ impl Tail {
                     Slice::Ahead => limit.min(written),
                 };
                 if self.pos < spool_end {
+                    // Every byte below `spool_end` is written and never changes: read it
+                    // with one read ahead, into recycled buffers, then look at the window
+                    // again.
                     let file = file.ok_or(FillError::Aborted)?;
-                    let n = (spool_end - self.pos).min(CHUNK);
-                    let pos = self.pos;
-                    let bytes =
-                        tokio::task::spawn_blocking(move || read_at(&file, pos, n as usize))
-                            .await
-                            .map_err(CacheError::join)??;
-                    self.pos += n;
-                    let reads = &self._shared.reads.spool;
-                    reads.fetch_add(n, Ordering::Relaxed);
-                    return Ok(Some(bytes));
+                    self.spool = Some(file_range(file, self.pos, spool_end));
+                    continue;
                 }
             }
             if finished && self.pos >= want {
@@ -715,8 +833,12 @@ async fn fill_body(
                     .acquire_many_owned(kib(n).min(kib(MAX_UNSPOOLED)))
                     .await
                     .map_err(|_| FillError::Aborted)?;
+                shared.pace(n, inner.cfg.fill_pace_wait).await;
                 let written = shared.tx.borrow().written;
-                shared.change_mem(|m| m.push(&data, written));
+                let spilled = shared.change_mem(|m| m.push(&data, written));
+                if spilled > 0 {
+                    shared.reads.spilled.fetch_add(spilled, Ordering::Relaxed);
+                }
                 received += n;
                 shared.tx.send_modify(|p| p.received = received);
                 let batch = Arc::new(Batch {
@@ -818,4 +940,69 @@ async fn fill_body(
 /// Permits of the unspooled budget: one per started KiB.
 fn kib(bytes: u64) -> u32 {
     u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn chunks(n: usize) -> Vec<Bytes> {
+        (0..n)
+            .map(|_| Bytes::from(vec![0u8; MIB as usize]))
+            .collect()
+    }
+
+    /// Spooled bytes a reader has not taken stay until the cap, then the reader is dropped
+    /// (counted); bytes not yet spooled are never dropped, whatever the cap.
+    #[test]
+    fn window_keeps_what_readers_need_up_to_the_cap() {
+        let mut w = MemWindow::default();
+        w.seat(1, 0);
+        assert_eq!(w.push(&chunks(12), 12 * MIB), 0);
+        assert_eq!(
+            (w.base, w.len),
+            (0, 12 * MIB),
+            "reader 1 still needs byte 0"
+        );
+        assert!(!w.must_wait(MIB, 12 * MIB), "4 MiB below the cap");
+        assert!(w.must_wait(5 * MIB, 12 * MIB), "would push reader 1 off");
+        assert_eq!(w.push(&chunks(6), 18 * MIB), 1, "over the cap: dropped");
+        // Nobody needs the rest any more: down to MEM_KEEP at once.
+        assert_eq!((w.base, w.len), (14 * MIB, MEM_KEEP));
+        w.seat(1, 14 * MIB);
+        assert_eq!(w.push(&chunks(1), 19 * MIB), 0);
+        assert_eq!((w.base, w.len), (14 * MIB, 5 * MIB), "back in: held again");
+
+        let mut w = MemWindow::default();
+        assert_eq!(w.push(&chunks(20), 2 * MIB), 0);
+        assert_eq!(
+            (w.base, w.len),
+            (2 * MIB, 18 * MIB),
+            "unspooled bytes stay beyond the cap"
+        );
+        assert!(
+            !w.must_wait(MIB, 2 * MIB),
+            "the spool, not a reader, holds it"
+        );
+    }
+
+    /// A reader that moved on or left frees what it held.
+    #[test]
+    fn moving_on_or_leaving_frees_the_window() {
+        let mut w = MemWindow::default();
+        w.seat(1, 0);
+        w.seat(2, 0);
+        w.push(&chunks(10), 10 * MIB);
+        w.seat(1, 9 * MIB);
+        assert!(w.must_wait(7 * MIB, 10 * MIB), "reader 2 holds byte 0");
+        w.leave(2);
+        assert!(!w.must_wait(7 * MIB, 10 * MIB));
+        assert_eq!(
+            (w.base, w.len),
+            (6 * MIB, MEM_KEEP),
+            "reader 1 (at 9 MiB) needs no more"
+        );
+    }
 }

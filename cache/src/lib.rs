@@ -110,6 +110,9 @@ pub struct CacheConfig {
     /// Overall deadline of one fill, resumes included; then it fails and its readers abort.
     /// `None` = none.
     pub fill_deadline: Option<Duration>,
+    /// How long a fill whose memory window is full waits for a client that has not taken the
+    /// oldest bytes before dropping it to the spool (once per batch; see `fill::PACE_WAIT`).
+    pub fill_pace_wait: Duration,
 }
 
 impl Default for CacheConfig {
@@ -128,6 +131,7 @@ impl Default for CacheConfig {
             scrub_interval: Duration::from_secs(3600),
             fill_min_rate: Some((64 * 1024, Duration::from_secs(30))),
             fill_deadline: Some(Duration::from_secs(3600)),
+            fill_pace_wait: fill::PACE_WAIT,
         }
     }
 }
@@ -158,6 +162,9 @@ pub struct CacheStats {
     pub fill_spool_bytes_total: u64,
     /// Bytes the memory windows of all running fills hold now.
     pub fill_memory_window_bytes: u64,
+    /// Readers a fill's memory window dropped at its cap because they did not keep up; they
+    /// went on from the spool.
+    pub fill_spilled_readers_total: u64,
     /// Committed objects found truncated or corrupt and removed.
     pub corrupt_total: u64,
     /// Writes to the cache that failed (spool, commit, manifest, tag record).
@@ -731,6 +738,7 @@ impl Cache {
             fill_memory_bytes_total: i.fill_reads.memory.load(Ordering::Relaxed),
             fill_spool_bytes_total: i.fill_reads.spool.load(Ordering::Relaxed),
             fill_memory_window_bytes: i.fill_reads.window.load(Ordering::Relaxed),
+            fill_spilled_readers_total: i.fill_reads.spilled.load(Ordering::Relaxed),
             corrupt_total: i.stats.corrupt.load(Ordering::Relaxed),
             write_errors_total: i.stats.write_errors.load(Ordering::Relaxed),
             degraded_since: i.health().since_unix,

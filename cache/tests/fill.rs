@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use futures_util::StreamExt;
-use registry_cache::{CacheError, FillError};
+use registry_cache::{CacheConfig, CacheError, FillError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miss_commits_atomically_then_hits() {
@@ -536,8 +536,62 @@ async fn leader_reads_memory_late_and_slow_followers_read_the_spool() {
         s.fill_spool_bytes_total >= (2 * 8 * MIB) as u64,
         "the two followers read back what left memory: {s:?}"
     );
+    assert!(
+        s.fill_spilled_readers_total >= 1,
+        "the stalled follower was dropped from the window, not waited for: {s:?}"
+    );
     fill.wait().await.unwrap();
     assert!(h.cache.verify_blob(&d).await.unwrap());
+    h.stop().await;
+}
+
+/// A client a little slower than the upstream (here: the source delivers at once, the reader
+/// pauses every 2 MiB) paces the fill instead of falling behind the memory window: every byte
+/// it takes before the digest matched comes from memory, and no reader is dropped to the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_slower_than_the_upstream_paces_the_fill_from_memory() {
+    const MIB: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    // Only a fill that does not wait for its reader drops it, however busy the test machine.
+    let h = open(CacheConfig {
+        fill_pace_wait: std::time::Duration::from_secs(30),
+        ..cfg(dir.path())
+    })
+    .await;
+    let body = data(64 * MIB);
+    let d = digest_of(&body);
+    let mut fake = Fake::new(body.clone());
+    fake.chunk = 256 * 1024;
+    let src = Arc::new(fake);
+    let fill = h.cache.fill(&d, src.clone());
+    let mut r = fill.reader(0, u64::MAX);
+    let mut out = Vec::with_capacity(body.len());
+    let mut paused_at = 0;
+    let mut peak_window = 0;
+    while let Some(c) = r.next().await {
+        out.extend_from_slice(&c.unwrap());
+        if out.len() - paused_at >= 2 * MIB {
+            paused_at = out.len();
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            peak_window = peak_window.max(h.cache.stats().fill_memory_window_bytes);
+        }
+    }
+    assert_eq!(out, body);
+    assert_eq!(src.opens(), vec![0]);
+    let s = h.cache.stats();
+    assert_eq!(s.fill_spilled_readers_total, 0, "{s:?}");
+    // What the reader had not taken when the digest matched comes from the spool (the window
+    // is released then); everything before, from memory.
+    assert!(
+        s.fill_spool_bytes_total <= 16 * MIB as u64 + 1,
+        "the reader fell behind the window: {s:?}"
+    );
+    assert!(s.fill_memory_bytes_total >= 48 * MIB as u64, "{s:?}");
+    assert!(
+        peak_window <= (16 * MIB + 16 * 256 * 1024) as u64,
+        "window above its bound: {peak_window}"
+    );
+    fill.wait().await.unwrap();
     h.stop().await;
 }
 

@@ -64,6 +64,8 @@ pub(crate) struct Metrics {
     pub cache_fill_read_bytes: IntCounterVec,
     /// Bytes the memory windows of all running fills hold now.
     pub cache_fill_window_bytes: IntGauge,
+    /// Readers of running fills dropped from the memory window because they did not keep up.
+    pub cache_fill_spilled_readers: IntCounter,
     /// Cached objects found truncated or not matching their digest, and evicted.
     pub cache_corrupt: IntCounter,
     /// 1 while cache writes fail and pulls bypass the cache.
@@ -215,7 +217,11 @@ impl Metrics {
         );
         let cache_fill_window_bytes = IntGauge::new(
             "registry_proxy_cache_fill_window_bytes",
-            "Bytes held in the memory windows of all running fills (at most 12 MiB plus one upstream chunk per fill).",
+            "Bytes held in the memory windows of all running fills (at most 16 MiB plus one upstream batch per fill).",
+        );
+        let cache_fill_spilled_readers = IntCounter::new(
+            "registry_proxy_cache_fill_spilled_readers_total",
+            "Readers of running fills that fell more than the memory window behind the upstream (after the fill waited 20 ms for them) and went on from the spool.",
         );
         let cache_corrupt = IntCounter::new(
             "registry_proxy_cache_corrupt_total",
@@ -280,6 +286,7 @@ impl Metrics {
             cache_fill_resumes: ok_or_unregistered(cache_fill_resumes),
             cache_fill_read_bytes: ok_or_unregistered(cache_fill_read_bytes),
             cache_fill_window_bytes: ok_or_unregistered(cache_fill_window_bytes),
+            cache_fill_spilled_readers: ok_or_unregistered(cache_fill_spilled_readers),
             cache_corrupt: ok_or_unregistered(cache_corrupt),
             cache_degraded: ok_or_unregistered(cache_degraded),
             cache_write_errors: ok_or_unregistered(cache_write_errors),
@@ -381,6 +388,7 @@ impl Metrics {
             Box::new(self.cache_fill_resumes.clone()),
             Box::new(self.cache_fill_read_bytes.clone()),
             Box::new(self.cache_fill_window_bytes.clone()),
+            Box::new(self.cache_fill_spilled_readers.clone()),
             Box::new(self.cache_corrupt.clone()),
             Box::new(self.cache_degraded.clone()),
             Box::new(self.cache_write_errors.clone()),
@@ -492,6 +500,10 @@ impl Metrics {
             (&self.cache_evictions, s.evictions_total),
             (&self.cache_digest_mismatches, s.digest_mismatches_total),
             (&self.cache_fill_resumes, s.resumes_total),
+            (
+                &self.cache_fill_spilled_readers,
+                s.fill_spilled_readers_total,
+            ),
             (&self.cache_corrupt, s.corrupt_total),
             (&self.cache_write_errors, s.write_errors_total),
             (
