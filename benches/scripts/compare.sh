@@ -36,7 +36,7 @@ SVG=${SVG:-$ROOT/docs/bench-cache.svg}
 PY=$(pyenv which python3 2>/dev/null || command -v python3)
 
 lab_init
-lab_need curl jq docker-registry skopeo wrk nginx
+lab_need curl jq docker-registry skopeo wrk nginx openssl
 lab_build_proxy
 
 CSV=$LAB/results.csv
@@ -153,6 +153,16 @@ peak_rss_kib() {
     done
     echo "$total"
 }
+# CPU seconds (user + system) a process and its children (nginx: master + worker) used so far.
+cpu_s() {
+    local pid=$1 p total=0
+    for p in "$pid" $(cat "/proc/$pid/task/"*/children 2>/dev/null); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}'
+}
+# Busy (not idle) CPU ticks of the whole box and all ticks, from /proc/stat: "busy all".
+box_ticks() { awk '/^cpu / {a=0; for (i=2; i<=NF; i++) a+=$i; print a-$5-$6, a}' /proc/stat; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 check_body() { # TARGET URL: the body must hash to its digest
     local got
@@ -163,6 +173,10 @@ wrk_field() { # FILE -> "req/s MiB/s"
     awk '/Requests\/sec/ {r=$2} /Transfer\/sec/ {t=$2; u=t; gsub(/[0-9.]/,"",u); sub(/[A-Za-z]+$/,"",t);
         m = (u=="GB") ? 1024 : (u=="MB") ? 1 : (u=="KB") ? 1/1024 : 1/1048576; printf "%s %.1f\n", r, t*m}' "$1"
 }
+
+# SHA-256 throughput of one core (verifying a cold blob is per-byte CPU only ours spends).
+rec box sha256_mb_s "$(timeout 30 openssl speed -seconds 2 -bytes 262144 -evp sha256 2>/dev/null |
+    awk '$1 == "sha256" {v=$2; sub(/k$/, "", v); printf "%.0f", v * 1000 / 1e6}')" MB/s
 
 TARGETS=(ours dist nginx)
 for t in "${TARGETS[@]}"; do start "$t"; done
@@ -197,7 +211,15 @@ if [[ -n $HUGE ]]; then
                 lab_perf_start "${PID_OF[ours]}"
                 perf_on=1
             fi
+            # Where the box's CPU went during this GET: the proxy (with its children), the
+            # upstream, and the busy share of both cores (a cold fill here is CPU-bound).
+            c0=$(cpu_s "${PID_OF[$t]}") u0=$(cpu_s "${LAB_PID_OF[upstream]}")
+            read -r b0 a0 < <(box_ticks)
             curl -s -o /dev/null --max-time 300 -w '%{time_starttransfer} %{time_total}\n' "$(blob_url "$t" huge "$HUGE")"
+            read -r b1 a1 < <(box_ticks)
+            awk -v c0="$c0" -v c1="$(cpu_s "${PID_OF[$t]}")" -v u0="$u0" -v u1="$(cpu_s "${LAB_PID_OF[upstream]}")" \
+                -v b="$((b1 - b0))" -v a="$((a1 - a0))" 'BEGIN {printf "%.3f %.3f %.3f\n", c1 - c0, u1 - u0, a ? b / a : 0}' \
+                >>"$LAB/huge-cpu-$t.txt"
             if ((perf_on)); then
                 lab_perf_stop "perf: ours, first cold ${HUGE_MIB} MiB fill, cpu-clock 999 Hz" \
                     'sha256_block|spool_writer|fill::hasher|__libc_pwrite|__libc_pread|read_at|tcp_recvmsg|tcp_sendmsg|ext4_buffered_write_iter|filemap_read|writev|recvfrom|sendto|rustls|hyper::proto' \
@@ -209,6 +231,9 @@ if [[ -n $HUGE ]]; then
         rec "$t" huge_cold_total_s "$(awk '{print $2}' "$LAB/huge-$t.txt" | median)" s
         rec "$t" huge_cold_total_min_s "$(awk '{print $2}' "$LAB/huge-$t.txt" | sort -g | head -1)" s
         rec "$t" huge_cold_total_max_s "$(awk '{print $2}' "$LAB/huge-$t.txt" | sort -g | tail -1)" s
+        rec "$t" huge_cold_cpu_s "$(awk '{print $1}' "$LAB/huge-cpu-$t.txt" | median)" s
+        rec "$t" huge_cold_upstream_cpu_s "$(awk '{print $2}' "$LAB/huge-cpu-$t.txt" | median)" s
+        rec "$t" huge_cold_box_busy "$(awk '{print $3}' "$LAB/huge-cpu-$t.txt" | median)" ratio
         [[ $t == ours ]] && sleep 1 # let the fill commit
         check_body "$t" "$(blob_url "$t" huge "$HUGE")"
         perf_on=0
