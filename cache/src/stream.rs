@@ -8,10 +8,7 @@ use std::{
     future::Future,
     os::unix::fs::FileExt,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll, ready},
 };
 
@@ -21,42 +18,10 @@ use tokio::task::JoinHandle;
 
 use crate::{BlobStream, CacheError};
 
-/// Largest chunk a reader holds in memory. Each chunk of a hit is one positional read on the
-/// blocking pool and one write to the socket: 512 KiB took a warm 1 GiB GET from 0.51–0.59 s
-/// to 0.44–0.46 s against 256 KiB (1 MiB gained nothing more; docs/bench.md).
-pub const CHUNK: u64 = 512 * 1024;
-
-/// The chunk of hit streams opened while [`LARGE_READERS`] are open already: memory per
-/// response halves when many are in flight (`--max-streams` of them at most).
-const BUSY_CHUNK: u64 = CHUNK / 2;
-
-/// Hit streams open at once up to which each reads [`CHUNK`] at a time.
-const LARGE_READERS: usize = 32;
-
-/// File streams open in this process.
-static OPEN: AtomicUsize = AtomicUsize::new(0);
-
-/// Counts one open file stream while it lives.
-struct Open;
-
-impl Open {
-    /// Registers a stream; returns the chunk size it should read.
-    fn enter() -> (Self, u64) {
-        let before = OPEN.fetch_add(1, Ordering::Relaxed);
-        let chunk = if before < LARGE_READERS {
-            CHUNK
-        } else {
-            BUSY_CHUNK
-        };
-        (Self, chunk)
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        OPEN.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// Largest chunk a reader holds in memory. Each chunk is one positional read on the
+/// blocking pool: 256 KiB keeps that overhead small on hits (a 200 MiB blob is 800 reads)
+/// while 16 concurrent readers still hold only a few MiB.
+pub const CHUNK: u64 = 256 * 1024;
 
 /// Chunks a reader keeps after handing them out, to read into again once the consumer dropped
 /// them.
@@ -69,19 +34,15 @@ const RECYCLED: usize = 2;
 /// which cost more CPU on a hit than the read itself (profile in docs/bench.md).
 ///
 /// Memory per reader: the read in flight plus [`RECYCLED`] handed-out chunks, and whatever
-/// older chunk the consumer still holds (hyper: the one being written), about 4 chunks: 2 MiB
-/// while fewer than [`LARGE_READERS`] streams are open, 1 MiB for those opened beyond.
+/// older chunk the consumer still holds (hyper: the one being written), about `4 × CHUNK`.
 pub(crate) fn file_range(file: Arc<File>, start: u64, stop: u64) -> BlobStream {
-    let (open, chunk) = Open::enter();
     ReadAhead {
         file,
         next: start,
         stop,
-        chunk,
         pending: None,
         failed: false,
         spent: VecDeque::with_capacity(RECYCLED + 1),
-        _open: open,
     }
     .boxed()
 }
@@ -91,8 +52,6 @@ struct ReadAhead {
     /// Offset of the next read to start.
     next: u64,
     stop: u64,
-    /// Bytes per read.
-    chunk: u64,
     /// The read in flight (at most one): dropping the stream detaches it, and it frees its
     /// chunk when it finishes.
     pending: Option<JoinHandle<std::io::Result<Bytes>>>,
@@ -100,7 +59,6 @@ struct ReadAhead {
     failed: bool,
     /// The last chunks handed out (clones), oldest first.
     spent: VecDeque<Bytes>,
-    _open: Open,
 }
 
 impl ReadAhead {
@@ -110,7 +68,7 @@ impl ReadAhead {
             return;
         }
         let (file, pos) = (self.file.clone(), self.next);
-        let n = (self.stop - pos).min(self.chunk);
+        let n = (self.stop - pos).min(CHUNK);
         self.next += n;
         let mut buf = self.buffer(n as usize);
         self.pending = Some(tokio::task::spawn_blocking(move || {
@@ -251,11 +209,9 @@ mod tests {
             file,
             next: 0,
             stop: 16,
-            chunk: CHUNK,
             pending: None,
             failed: false,
             spent: VecDeque::new(),
-            _open: Open::enter().0,
         };
         let held = Bytes::from(vec![0xabu8; 16]);
         r.spent.push_back(held.clone());
@@ -275,21 +231,6 @@ mod tests {
             "a free chunk was not reused"
         );
         assert!(r.spent.is_empty());
-    }
-
-    /// Streams opened while many are open read half chunks (memory per response halves);
-    /// once they are gone, full chunks again.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn many_open_streams_read_smaller_chunks() {
-        let (_tmp, file) = file_of(&vec![3u8; 3 * CHUNK as usize]);
-        let mut held: Vec<BlobStream> = (0..LARGE_READERS + 8)
-            .map(|_| file_range(file.clone(), 0, 3 * CHUNK))
-            .collect();
-        let last = held.last_mut().unwrap();
-        assert_eq!(last.next().await.unwrap().unwrap().len() as u64, BUSY_CHUNK);
-        drop(held);
-        let mut s = file_range(file, 0, 3 * CHUNK);
-        assert_eq!(s.next().await.unwrap().unwrap().len() as u64, CHUNK);
     }
 
     /// A file shorter than the range (truncated under a reader): one error, then the end.
