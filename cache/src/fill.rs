@@ -9,7 +9,7 @@
 //! fill's own deadline does.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     fs::File,
     io,
     os::unix::fs::FileExt,
@@ -74,8 +74,9 @@ struct MemWindow {
     /// `(offset, bytes)`, contiguous from `base`.
     chunks: VecDeque<(u64, Bytes)>,
     len: u64,
-    /// `(reader id, next offset it reads)` of every live reader of the fill.
-    readers: Vec<(u64, u64)>,
+    /// Reader id -> next offset it reads, of every live reader of the fill (a map: each
+    /// reader moves its seat once per chunk, and a popular blob has hundreds of readers).
+    readers: HashMap<u64, u64>,
 }
 
 enum Slice {
@@ -99,7 +100,7 @@ impl MemWindow {
 
     /// A reader in the window that has not taken all of `off..end` yet.
     fn needed(&self, off: u64, end: u64) -> bool {
-        self.readers.iter().any(|&(_, pos)| pos >= off && pos < end)
+        self.readers.values().any(|&pos| pos >= off && pos < end)
     }
 
     /// Drops the oldest spooled chunks beyond [`MEM_KEEP`] that no reader needs, and beyond
@@ -118,8 +119,8 @@ impl MemWindow {
                 }
                 spilled += self
                     .readers
-                    .iter()
-                    .filter(|&&(_, pos)| pos >= off && pos < off + n)
+                    .values()
+                    .filter(|&&pos| pos >= off && pos < off + n)
                     .count() as u64;
             }
             self.base += n;
@@ -142,14 +143,20 @@ impl MemWindow {
 
     /// Records where reader `id` reads next.
     fn seat(&mut self, id: u64, pos: u64) {
-        match self.readers.iter_mut().find(|(r, _)| *r == id) {
-            Some(r) => r.1 = pos,
-            None => self.readers.push((id, pos)),
-        }
+        self.readers.insert(id, pos);
     }
 
     fn leave(&mut self, id: u64) {
-        self.readers.retain(|(r, _)| *r != id);
+        self.readers.remove(&id);
+    }
+
+    /// [`Self::slice`] for reader `id`, seated past what it takes (one lock per chunk).
+    fn take(&mut self, id: u64, pos: u64, limit: u64, max: u64) -> Slice {
+        let slice = self.slice(pos, limit, max);
+        if let Slice::Mem(b) = &slice {
+            self.seat(id, pos + b.len() as u64);
+        }
+        slice
     }
 
     /// Up to `max` bytes at `pos`, not past `limit`.
@@ -505,10 +512,11 @@ impl Tail {
                 received.min(want.saturating_sub(1))
             };
             if self.pos < limit {
-                let slice = self._shared.mem().slice(self.pos, limit, CHUNK);
+                let slice = self._shared.mem().take(self.id, self.pos, limit, CHUNK);
                 let spool_end = match slice {
                     Slice::Mem(b) => {
-                        self.advance(b.len() as u64);
+                        self.pos += b.len() as u64;
+                        self._shared.advanced.notify_one();
                         let reads = &self._shared.reads.memory;
                         reads.fetch_add(b.len() as u64, Ordering::Relaxed);
                         return Ok(Some(b));

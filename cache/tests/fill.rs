@@ -595,6 +595,52 @@ async fn a_reader_slower_than_the_upstream_paces_the_fill_from_memory() {
     h.stop().await;
 }
 
+/// A hundred readers of one fill (a blob every node pulls at once) each get the exact blob
+/// from one upstream open, whether the window waits for them or leaves them to the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_readers_share_one_paced_fill() {
+    const MIB: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(cfg(dir.path())).await;
+    let body = data(24 * MIB);
+    let d = digest_of(&body);
+    let mut fake = Fake::new(body.clone());
+    fake.chunk = 64 * 1024;
+    let src = Arc::new(fake);
+    let fill = h.cache.fill(&d, src.clone());
+    // Each reader compares as it goes (a hundred copies of the blob would be 2.4 GB).
+    let readers: Vec<_> = (0..100)
+        .map(|_| {
+            let (mut r, body) = (fill.reader(0, u64::MAX), body.clone());
+            tokio::spawn(async move {
+                let mut pos = 0;
+                while let Some(c) = r.next().await {
+                    let c = c?;
+                    assert!(c[..] == body[pos..pos + c.len()], "wrong bytes at {pos}");
+                    pos += c.len();
+                }
+                Ok::<_, CacheError>(pos)
+            })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(
+            r.await.unwrap().unwrap(),
+            body.len(),
+            "a reader ended short"
+        );
+    }
+    assert_eq!(src.opens(), vec![0]);
+    fill.wait().await.unwrap();
+    let s = h.cache.stats();
+    assert_eq!(
+        s.fill_memory_bytes_total + s.fill_spool_bytes_total,
+        100 * body.len() as u64,
+        "{s:?}"
+    );
+    h.stop().await;
+}
+
 /// An upstream body that trickles below the floor is re-opened at its offset; when every
 /// attempt trickles, the resume budget fails the fill, and the overall deadline fails a fill
 /// that never ends.
