@@ -459,6 +459,14 @@ impl Tail {
             return rest.next().await.transpose();
         }
         loop {
+            if self.spool.is_some() {
+                // A failed fill ends (or goes on degraded) at once, not after the catch-up.
+                let p = self.rx.borrow();
+                if !p.verified && matches!(p.done, Some(Err(_))) {
+                    drop(p);
+                    self.spool = None;
+                }
+            }
             if let Some(spool) = &mut self.spool {
                 match spool.next().await {
                     Some(Ok(bytes)) => {
