@@ -98,9 +98,12 @@ impl MemWindow {
         self.trim(written, WINDOW_CAP)
     }
 
-    /// A reader in the window that has not taken all of `off..end` yet.
-    fn needed(&self, off: u64, end: u64) -> bool {
-        self.readers.values().any(|&pos| pos >= off && pos < end)
+    /// Readers in the window that have not taken all of `off..end` yet.
+    fn holding(&self, off: u64, end: u64) -> u64 {
+        self.readers
+            .values()
+            .filter(|&&pos| pos >= off && pos < end)
+            .count() as u64
     }
 
     /// Drops the oldest spooled chunks beyond [`MEM_KEEP`] that no reader needs, and beyond
@@ -113,15 +116,12 @@ impl MemWindow {
             if off + n > written || self.len - n < MEM_KEEP {
                 break;
             }
-            if self.needed(off, off + n) {
+            let holding = self.holding(off, off + n);
+            if holding > 0 {
                 if self.len <= cap {
                     break;
                 }
-                spilled += self
-                    .readers
-                    .values()
-                    .filter(|&&pos| pos >= off && pos < off + n)
-                    .count() as u64;
+                spilled += holding;
             }
             self.base += n;
             self.len -= n;
@@ -137,7 +137,7 @@ impl MemWindow {
         self.len + n > WINDOW_CAP
             && self.chunks.front().is_some_and(|(off, b)| {
                 let end = off + b.len() as u64;
-                end <= written && self.needed(*off, end)
+                end <= written && self.holding(*off, end) > 0
             })
     }
 
