@@ -86,19 +86,15 @@ pub(crate) fn validate(args: &Args) -> Result<ClusterConfig, ConfigError> {
     let cache = args.cache_dir.is_some() && !args.no_cache;
     let s3 = match &args.s3_endpoint {
         None => {
-            for (flag, given) in [
-                ("--s3-bucket", args.s3_bucket.is_some()),
-                ("--s3-access-key-file", args.s3_access_key_file.is_some()),
-                ("--s3-secret-key-file", args.s3_secret_key_file.is_some()),
-                ("--s3-max-size", args.s3_max_size.is_some()),
-            ] {
-                if given {
-                    return Err(ConfigError::NoEffect {
-                        flag,
-                        why: "without --s3-endpoint",
-                    });
-                }
-            }
+            refuse_given(
+                &[
+                    ("--s3-bucket", args.s3_bucket.is_some()),
+                    ("--s3-access-key-file", args.s3_access_key_file.is_some()),
+                    ("--s3-secret-key-file", args.s3_secret_key_file.is_some()),
+                    ("--s3-max-size", args.s3_max_size.is_some()),
+                ],
+                "without --s3-endpoint",
+            )?;
             None
         }
         Some(endpoint) => {
@@ -234,20 +230,24 @@ pub(crate) fn validate(args: &Args) -> Result<ClusterConfig, ConfigError> {
             refresh: args.peers_refresh,
         })
     } else {
-        for (flag, given) in [
-            ("--advertise", args.advertise.is_some()),
-            ("--peer-ca", args.peer_ca.is_some()),
-        ] {
-            if given {
-                return Err(ConfigError::NoEffect {
-                    flag,
-                    why: "without --peers or --peers-dns",
-                });
-            }
-        }
+        refuse_given(
+            &[
+                ("--advertise", args.advertise.is_some()),
+                ("--peer-ca", args.peer_ca.is_some()),
+            ],
+            "without --peers or --peers-dns",
+        )?;
         None
     };
     Ok(ClusterConfig { s3, peers })
+}
+
+/// Refuses the first of `flags` that was given (`(flag, given)`): it does nothing `why`.
+fn refuse_given(flags: &[(&'static str, bool)], why: &'static str) -> Result<(), ConfigError> {
+    match flags.iter().find(|(_, given)| *given) {
+        Some(&(flag, _)) => Err(ConfigError::NoEffect { flag, why }),
+        None => Ok(()),
+    }
 }
 
 /// `scheme://host:port` of a URL without path, query or credentials; `None` otherwise.
