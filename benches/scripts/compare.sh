@@ -147,19 +147,21 @@ url() { # url TARGET PATH-under-/v2/-or-"/v2/"
     if [[ $1 == ours || $1 == pass ]]; then echo "$base/v2/system/deckhouse/$2"; else echo "$base/v2/deckhouse/ee/$2"; fi
 }
 blob_url() { url "$1" "$2/blobs/$3"; } # TARGET REPO DIGEST
-# Peak RSS (VmHWM, KiB) of a process and its children (nginx: master + worker).
+# A process and its children (nginx: master + worker).
+proc_tree() { echo "$1" $(cat "/proc/$1/task/"*/children 2>/dev/null); }
+# Peak RSS (VmHWM, KiB) of a process and its children.
 peak_rss_kib() {
-    local pid=$1 total=0 p v
-    for p in "$pid" $(cat "/proc/$pid/task/"*/children 2>/dev/null); do
+    local total=0 p v
+    for p in $(proc_tree "$1"); do
         v=$(awk '/^VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null)
         total=$((total + ${v:-0}))
     done
     echo "$total"
 }
-# CPU seconds (user + system) a process and its children (nginx: master + worker) used so far.
+# CPU seconds (user + system) a process and its children used so far.
 cpu_s() {
-    local pid=$1 p total=0
-    for p in "$pid" $(cat "/proc/$pid/task/"*/children 2>/dev/null); do
+    local p total=0
+    for p in $(proc_tree "$1"); do
         total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
     done
     awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}'
